@@ -1,0 +1,19 @@
+"""fp4lab: train a model with a precision policy and log everything (``python main.py model=unet quant=nvfp4``).
+
+Thin on purpose: Hydra composes ``conf/config.yaml`` (see ``--help``), ``trainers.app.run`` does the work, and the
+return value (the monitored metric) is what Hydra's sweepers optimise.
+"""
+import hydra
+from omegaconf import DictConfig
+
+import conf.schemas  # noqa: F401  (registers the structured-config schemas before Hydra composes)
+from trainers.app import run
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
