@@ -3,10 +3,13 @@
 Thin on purpose: Hydra composes ``conf/config.yaml`` (see ``--help``), ``trainers.app.run`` does the work, and the
 return value (the monitored metric) is what Hydra's sweepers optimise.
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import conf.schemas  # noqa: F401  (registers the structured-config schemas before Hydra composes)
+from conf.validate import unknown_key_message
 from trainers.app import run
 
 
@@ -16,4 +19,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    problem = unknown_key_message(sys.argv[1:])
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     main()
