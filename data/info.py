@@ -33,6 +33,9 @@ class DataInfo:
     class_names: tuple[str, ...] = field(default_factory=tuple)
     # segmentation: contiguous thing-class id (0-based) -> COCO category id, for COCOeval
     category_ids: tuple[int, ...] = field(default_factory=tuple)
+    instances: bool = False  # segmentation: batches carry ``instances`` (instance targets were requested)
+    # segmentation: how a pixel covered by several instances is labelled (see data/coco_targets.py), e.g. "ignore"
+    overlap_rule: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
