@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as MplFigure
 
 COLORMAPS = ("viridis", "diverging")
+MAX_ANNOTATED_CELLS = 120  # PNG heatmaps print each value only when small; text layout dominates render time
 _MPL_CMAP = {"viridis": "viridis", "diverging": "RdBu_r"}
 
 
@@ -106,12 +107,12 @@ class Grid:
 Figure = Union[Heatmap, LineChart, BarChart, Scatter, Grid]
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Replace non-finite floats by None (JSON has no NaN/inf); numpy and torch scalars become Python floats."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
         value = float(obj)
         return value if math.isfinite(value) else None
@@ -121,7 +122,7 @@ def _clean(obj: Any) -> Any:
 
 
 def to_json(figure: Figure) -> dict[str, Any]:
-    return _clean(asdict(figure))
+    return json_safe(asdict(figure))
 
 
 def _array(values: Sequence[Sequence[float]]) -> np.ndarray:
@@ -133,7 +134,12 @@ def _tick_positions(n: int, max_ticks: int = 40) -> list[int]:
     return list(range(0, n, step))
 
 
-def _draw_heatmap(ax: plt.Axes, fig: plt.Figure, hm: Heatmap) -> None:
+def _is_index(labels: Sequence[str]) -> bool:
+    """Labels "0", "1", ... (matrix indices): matplotlib's numeric ticks are better than one label per cell."""
+    return all(label == str(i) for i, label in enumerate(labels))
+
+
+def _draw_heatmap(ax: Axes, fig: MplFigure, hm: Heatmap) -> None:
     data = _array(hm.values) if hm.values else np.zeros((0, 0))
     shown = data
     if hm.normalize == "column" and data.size:
@@ -147,27 +153,28 @@ def _draw_heatmap(ax: plt.Axes, fig: plt.Figure, hm: Heatmap) -> None:
     if hm.colormap == "diverging" and finite_vals.size:
         bound = float(np.abs(finite_vals).max()) or 1.0
         kwargs = {"vmin": -bound, "vmax": bound}
-    cmap = matplotlib.colormaps[_MPL_CMAP[hm.colormap]].copy()
-    cmap.set_bad("#bbbbbb")
+    cmap = matplotlib.colormaps[_MPL_CMAP[hm.colormap]].with_extremes(bad="#bbbbbb")
     image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap=cmap, **kwargs)
     label = f"{hm.value_label} (per-column min..max)" if hm.normalize == "column" else hm.value_label
     fig.colorbar(image, ax=ax, label=label, fraction=0.046, pad=0.02)
     rows, cols = data.shape if data.ndim == 2 else (0, 0)
-    if hm.row_labels:
+    if hm.row_labels and not _is_index(hm.row_labels):
         ticks = _tick_positions(rows)
         ax.set_yticks(ticks, [hm.row_labels[i] for i in ticks], fontsize=7)
-    if hm.col_labels:
+    if hm.col_labels and not _is_index(hm.col_labels):
         ticks = _tick_positions(cols, 30)
         ax.set_xticks(ticks, [hm.col_labels[i] for i in ticks], fontsize=7, rotation=60, ha="right")
-    if hm.normalize == "column" and rows * cols <= 400:
+    if hm.normalize == "column" and rows * cols <= MAX_ANNOTATED_CELLS:
         for r in range(rows):
             for c in range(cols):
                 if np.isfinite(data[r, c]):
-                    ax.text(c, r, f"{data[r, c]:.3g}", ha="center", va="center", fontsize=6, color="white")
+                    dark = not np.isfinite(shown[r, c]) or shown[r, c] < 0.6  # viridis is dark below ~0.6
+                    ax.text(c, r, f"{data[r, c]:.3g}", ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")
     ax.set_title(hm.title, fontsize=9)
 
 
-def _draw_lines(ax: plt.Axes, chart: LineChart) -> None:
+def _draw_lines(ax: Axes, chart: LineChart) -> None:
     for series in chart.series:
         x = np.asarray(series.x, dtype=np.float64)
         y = np.array([np.nan if v is None else v for v in series.y], dtype=np.float64)
@@ -186,7 +193,7 @@ def _draw_lines(ax: plt.Axes, chart: LineChart) -> None:
         ax.legend(fontsize=7)
 
 
-def _draw_bars(ax: plt.Axes, chart: BarChart) -> None:
+def _draw_bars(ax: Axes, chart: BarChart) -> None:
     n_series = max(len(chart.values), 1)
     width = 0.8 / n_series
     positions = np.arange(len(chart.labels))
@@ -204,7 +211,7 @@ def _draw_bars(ax: plt.Axes, chart: BarChart) -> None:
         ax.legend(fontsize=7)
 
 
-def _draw_scatter(ax: plt.Axes, chart: Scatter) -> None:
+def _draw_scatter(ax: Axes, chart: Scatter) -> None:
     for group in dict.fromkeys(chart.groups):
         idx = [i for i, g in enumerate(chart.groups) if g == group]
         x = [np.nan if chart.x[i] is None else chart.x[i] for i in idx]
@@ -218,7 +225,7 @@ def _draw_scatter(ax: plt.Axes, chart: Scatter) -> None:
         ax.legend(fontsize=7)
 
 
-def _draw(ax: plt.Axes, fig: plt.Figure, panel: Figure) -> None:
+def _draw(ax: Axes, fig: MplFigure, panel: Figure) -> None:
     if isinstance(panel, Heatmap):
         _draw_heatmap(ax, fig, panel)
     elif isinstance(panel, LineChart):
@@ -231,28 +238,49 @@ def _draw(ax: plt.Axes, fig: plt.Figure, panel: Figure) -> None:
         raise TypeError(f"cannot draw a {type(panel).__name__} inside a panel")
 
 
-def png_bytes(figure: Figure) -> bytes:
-    """Render with matplotlib; size grows with the number of heatmap rows so labels stay readable."""
-    panels = figure.panels if isinstance(figure, Grid) else [figure]
-    height = 4.0
+def _margins(panels: Sequence[Figure]) -> tuple[float, float]:
+    """(left, bottom) margins in inches that fit the longest tick labels (fixed layout: tight_layout costs a
+    second full draw, which doubled render time)."""
+    left, bottom = 0.7, 0.6
     for panel in panels:
-        if isinstance(panel, Heatmap) and panel.row_labels and not panel.row_labels[0].isdigit():
-            height = max(height, min(2.0 + 0.16 * len(panel.values), 24.0))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.2 * len(panels)), height), squeeze=False)
-    try:
-        for ax, panel in zip(axes[0], panels):
-            _draw(ax, fig, panel)
-        if isinstance(figure, Grid):
-            fig.suptitle(figure.title, fontsize=10)
-        note = figure.note
-        if note:
-            fig.text(0.01, 0.005, note, fontsize=6, color="#555555", wrap=True)
-        fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        return buffer.getvalue()
-    finally:
-        plt.close(fig)
+        if isinstance(panel, Heatmap):
+            if panel.row_labels and not _is_index(panel.row_labels):
+                left = max(left, 0.3 + 0.06 * max(map(len, panel.row_labels)))
+            if panel.col_labels and not _is_index(panel.col_labels):
+                bottom = max(bottom, 0.45 + 0.05 * max(map(len, panel.col_labels)))
+        elif isinstance(panel, BarChart) and panel.labels:
+            bottom = max(bottom, 0.55 + 0.05 * max(map(len, panel.labels)))
+    return min(left, 3.0), min(bottom, 2.5)
+
+
+def png_bytes(figure: Figure) -> bytes:
+    """Render with matplotlib; the height grows with the number of heatmap rows so labels stay readable."""
+    panels = figure.panels if isinstance(figure, Grid) else [figure]
+    left, bottom = _margins(panels)
+    top = 0.4 + (0.3 if isinstance(figure, Grid) else 0.0)
+    bottom += 0.35 if figure.note else 0.0
+    plot_height = 3.2
+    for panel in panels:
+        if isinstance(panel, Heatmap) and panel.row_labels and not _is_index(panel.row_labels):
+            plot_height = max(plot_height, min(0.16 * len(panel.values), 22.0))
+    right = 1.1  # colour bar and its label
+    width = left + len(panels) * 5.0 + (len(panels) - 1) * (left + right) + right
+    height = top + plot_height + bottom
+    # The object API (no pyplot): no global figure registry, so rendering is safe off the main thread.
+    fig = MplFigure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=(left + right) / 5.0)
+    for ax, panel in zip(axes[0], panels):
+        _draw(ax, fig, panel)
+    if isinstance(figure, Grid):
+        fig.suptitle(figure.title, fontsize=10)
+    if figure.note:
+        fig.text(0.01, 0.1 / height, figure.note, fontsize=6, color="#555555", wrap=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 SCRIPT = r"""

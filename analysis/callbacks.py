@@ -1,0 +1,108 @@
+"""The Lightning callback that runs ``analysis.telemetry`` during training and the kurtosis study at its end.
+
+Load-bearing choices:
+
+* The pass runs in ``on_before_optimizer_step``: gradients are complete and, under ``16-mixed``, already unscaled by
+  the GradScaler (``on_after_backward`` would see scaled ones); the weights are those that produced the gradients.
+  The step is ``trainer.global_step`` (optimizer steps done so far, so step 0 is the initial model). Steps are
+  de-duplicated: with several optimizers the hook fires once per optimizer, with gradient accumulation once per
+  optimizer step, and each step is analysed once.
+* Rank zero only; analysis never writes to the model, never draws random numbers and runs under ``no_grad``, so the
+  training run is bit-identical with analysis on or off (tested).
+* Layer names are those of the model handed to ``quant.apply`` (as in the quantization report and the model's
+  ``high_precision_modules``), not of the LightningModule that wraps it: the wrapped model is found as the
+  sub-module that contains every name of the report.
+* ``state_dict`` holds the analysed-step history, so after a resume the over-steps heatmaps still cover the whole run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from analysis import kurtosis_study
+from analysis.telemetry import Telemetry
+from analysis.wandb_log import WandbPayload, find_wandb_logger
+from conf.schemas.analysis import AnalysisConfig
+
+
+def find_wrapped_model(module: nn.Module, layer_names: Iterable[str]) -> nn.Module:
+    """The outermost sub-module of ``module`` whose ``named_modules()`` contains every name in ``layer_names``."""
+    wanted = {n for n in layer_names if n}
+    if not wanted:
+        return module
+    for _, candidate in module.named_modules():
+        names = {n for n, _ in candidate.named_modules()}
+        if wanted <= names:
+            return candidate
+    return module
+
+
+class AnalysisCallback(Callback):
+    """Weight / code / gradient telemetry every ``cfg.every_n_steps`` optimizer steps; kurtosis study at the end."""
+
+    def __init__(self, cfg: AnalysisConfig, *, output_dir: Path, run_name: str, quantized: Iterable[str] = (),
+                 layer_names: Iterable[str] = (), weight_tiles: dict[str, tuple[int, int]] | None = None) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.run_name = run_name
+        self.quantized = set(quantized)
+        self.layer_names = list(layer_names)
+        self.weight_tiles = dict(weight_tiles or {})
+        self.telemetry = Telemetry(cfg, output_dir=self.output_dir, run_name=run_name, quantized=self.quantized,
+                                   weight_tiles=self.weight_tiles)
+        self.last_step = -1
+        self.history: list[dict[str, Any]] = []
+        self.last_gradient_stats: dict[str, dict[str, float]] = {}
+        self._model: nn.Module | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"AnalysisCallback[{self.run_name}]"
+
+    def _wrapped(self, pl_module: L.LightningModule) -> nn.Module:
+        if self._model is None:
+            self._model = find_wrapped_model(pl_module, self.layer_names or self.quantized)
+        return self._model
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self.last_step or step % self.cfg.every_n_steps:
+            return
+        self.last_step = step
+        result = self.telemetry.collect(self._wrapped(pl_module), step, weights=self.cfg.weights,
+                                        gradients=self.cfg.gradients)
+        self.history.extend(result.rows)
+        gradients = {r["layer"]: r for r in result.rows if r["kind"] == "gradients"}
+        if gradients:
+            self.last_gradient_stats = gradients
+        self._log(trainer, self.telemetry.write(result), step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.history:
+            self._log(trainer, self.telemetry.write_over_steps(self.history), trainer.global_step)
+        if self.cfg.kurtosis_study:
+            result = kurtosis_study.study(self._wrapped(pl_module), z_threshold=self.cfg.kurtosis_z_threshold,
+                                          quantized=self.quantized, weight_tiles=self.weight_tiles,
+                                          gradient_stats=self.last_gradient_stats)
+            paths = result.write(self.output_dir / "plots" / "kurtosis" / self.run_name)
+            self._log(trainer, result.wandb_payload(paths[".png"]), trainer.global_step)
+
+    def _log(self, trainer: L.Trainer, payload: WandbPayload, step: int) -> None:
+        logger = find_wandb_logger(trainer.loggers) if self.cfg.wandb else None
+        if logger is not None:
+            payload.log(logger, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "history": self.history,
+                "last_gradient_stats": self.last_gradient_stats}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict["last_step"]
+        self.history = list(state_dict["history"])
+        self.last_gradient_stats = dict(state_dict["last_gradient_stats"])
