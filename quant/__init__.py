@@ -1,0 +1,41 @@
+"""fp4lab's quantization library: TE-exact NVFP4 and other 4/8-bit formats, QAT layers and precision policies.
+
+Imports torch only (no Hydra, no Lightning). The path of a tensor through it:
+``Policy`` -> ``apply(model, policy)`` -> ``QuantLinear`` / ``QuantConv2d`` / ``QuantConvTranspose2d`` -> the
+autograd functions of ``quant.functional`` -> the format modules (``nvfp4``, ...) and the GEMM of ``quant.gemm``.
+"""
+from quant import nvfp4
+from quant.apply import LayerDecision, QuantReport, apply, find_blocks
+from quant.errors import QuantError
+from quant.functional import LayerQuantizer, quant_conv2d, quant_conv_transpose2d, quant_linear
+from quant.modules import (
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    load_sr_states,
+    quantized_modules,
+    sr_states,
+)
+from quant.policy import Policy
+from quant.recipe import Recipe
+
+__all__ = [
+    "LayerDecision",
+    "LayerQuantizer",
+    "Policy",
+    "QuantConv2d",
+    "QuantConvTranspose2d",
+    "QuantError",
+    "QuantLinear",
+    "QuantReport",
+    "Recipe",
+    "apply",
+    "find_blocks",
+    "load_sr_states",
+    "nvfp4",
+    "quant_conv2d",
+    "quant_conv_transpose2d",
+    "quant_linear",
+    "quantized_modules",
+    "sr_states",
+]

@@ -1,0 +1,288 @@
+"""How each number format quantizes the six operands of a layer's three GEMMs (the "slots").
+
+Why this exists: the autograd functions (``quant.functional``) are format-agnostic; they reshape their tensors into
+2-D GEMM operands whose *last dim is the reduction dim of that GEMM* and ask the layer's format for each operand.
+The numeric rules themselves live in the format modules (``quant.nvfp4``, ``quant.mxfp4``, ...); this file only
+says which rule each slot uses, which roles a format can quantize, and which shapes it needs.
+
+The slots of a linear layer ``Y[M, N] = X[M, K] W[N, K]^T`` (tokens M; convolutions map onto the same slots,
+see ``quant.functional``):
+
+==============  =====  =============  =====================
+slot            role   2-D operand    blocks along
+==============  =====  =============  =====================
+fprop_input     input  X   [M, K]     K (in features)
+fprop_weight    weight W   [N, K]     K
+dgrad_grad      grad   dY  [M, N]     N (out features)
+dgrad_weight    weight W^T [K, N]     N
+wgrad_grad      grad   dY^T [N, M]    M (tokens)
+wgrad_input     input  X^T [K, M]     M (tokens)
+==============  =====  =============  =====================
+
+A format returns either an ``nvfp4.NVFP4Tensor`` (NVFP4: the GEMM then runs on scaled codes, ``quant.gemm``) or a
+tensor of fake-quantized values in the compute dtype (every other format: a BF16/FP32 GEMM on dequantized values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from quant import fp8, int4, mxfp4, nf4, nvfp4
+from quant.errors import QuantError
+from quant.gemm import Operand
+from quant.recipe import Recipe
+
+ROLES = ("weight", "input", "grad")
+SLOT_ROLE = {
+    "fprop_input": "input",
+    "fprop_weight": "weight",
+    "dgrad_grad": "grad",
+    "dgrad_weight": "weight",
+    "wgrad_grad": "grad",
+    "wgrad_input": "input",
+}
+SLOTS = tuple(SLOT_ROLE)
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    """One operand to quantize: its slot, its name for error messages, and the per-call randomness/transform."""
+
+    slot: str
+    name: str  # e.g. "layers.0.mlp.fc1 output gradient (wgrad)"
+    rht: bool = False  # apply the RHT along the last dim (NVFP4 wgrad operands only)
+    generator: torch.Generator | None = None  # stochastic rounding stream (grad slots)
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """What a format does inside a GEMM layer; instances carry the format's options (validated on construction).
+
+    Class attributes describe capabilities; ``OPTION_CHOICES`` maps each option field to its valid values.
+    """
+
+    name: ClassVar[str] = ""
+    roles: ClassVar[tuple[str, ...]] = ROLES  # roles this format can quantize
+    default_roles: ClassVar[tuple[str, ...]] = ROLES
+    backward_modes: ClassVar[tuple[str, ...]] = ("full", "dequantized", "high_precision")
+    nvfp4_recipe_switches: ClassVar[bool] = False  # honours Recipe's RHT / SR / 2D switches (NVFP4 only)
+    # slots whose blocked (last) dim must be a multiple of ``block``; wgrad slots are blocked along padded tokens
+    blocked_slots: ClassVar[tuple[str, ...]] = ("fprop_input", "fprop_weight", "dgrad_grad", "dgrad_weight")
+    # True for weight-storage formats (NF4, INT4): every GEMM dequantizes the one stored weight, so the dgrad GEMM
+    # reuses the forward's quantized W instead of requantizing W^T along N.
+    dgrad_weight_from_fprop: ClassVar[bool] = False
+    OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        for option, choices in self.OPTION_CHOICES.items():
+            value = getattr(self, option)
+            if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+                raise QuantError(
+                    f"{self.name} option {option}={value!r} is not valid; valid choices: "
+                    f"{', '.join(map(str, choices))}"
+                )
+
+    @property
+    def block(self) -> int:
+        """Elements per scale block along the GEMM reduction dim (1: per tensor or not along K, no constraint)."""
+        return 1
+
+    def options(self) -> dict[str, Any]:
+        return {option: getattr(self, option) for option in self.OPTION_CHOICES}
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        """x: the 2-D operand of ``request.slot`` (reduction dim last) -> quantized operand of the same shape."""
+        raise NotImplementedError
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        """One short phrase for the report, e.g. ``"nvfp4 16x16 RN"``."""
+        raise NotImplementedError
+
+    def rht_applies(self, recipe: Recipe) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class NVFP4Layer(LayerFormat):
+    """TE's NVFP4 recipe (SPEC 3.1): X 1x16 RN; W 16x16 RN (1x16 without 2D); dY 1x16 SR; RHT on wgrad operands.
+
+    With 2D weight tiles the dgrad operand W^T is quantized with the same 16x16 tiles, so its codes are exactly the
+    transpose of the fprop codes (SPEC 1.4); with 1x16 weights it is requantized along N, as TE does.
+    """
+
+    name: ClassVar[str] = "nvfp4"
+    nvfp4_recipe_switches: ClassVar[bool] = True
+
+    @property
+    def block(self) -> int:
+        return nvfp4.BLOCK
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        role = SLOT_ROLE[request.slot]
+        tile = recipe.weight_tile if role == "weight" else (1, nvfp4.BLOCK)
+        stochastic = role == "grad" and recipe.stochastic_rounding
+        return nvfp4.quantize(
+            x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name
+        )
+
+    def rht_applies(self, recipe: Recipe) -> bool:
+        return recipe.rht
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        if role == "weight":
+            return "nvfp4 16x16 RN" if recipe.weight_tile == (16, 16) else "nvfp4 1x16 RN"
+        rounding = "SR" if role == "grad" and recipe.stochastic_rounding else "RN"
+        return f"nvfp4 1x16 {rounding}" + (" +RHT(wgrad)" if wgrad_rht else "")
+
+
+@dataclass(frozen=True)
+class MXFP4Layer(LayerFormat):
+    """OCP MXFP4 fake quantization, 1x32 blocks along each GEMM's reduction dim (RN; no SR or RHT).
+
+    With ``backward=full`` every operand is requantized along its own GEMM's reduction dim (W^T along N, dY^T and X^T
+    along tokens), as an MX training recipe does; the dequantized backward is the classic STE.
+    """
+
+    name: ClassVar[str] = "mxfp4"
+    default_roles: ClassVar[tuple[str, ...]] = ("weight", "input")
+    OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"scale_rule": mxfp4.SCALE_RULES}
+    scale_rule: str = "floor"
+
+    @property
+    def block(self) -> int:
+        return mxfp4.BLOCK
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        return mxfp4.fake_quantize(x, scale_rule=self.scale_rule, name=request.name).to(compute_dtype)
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        return f"mxfp4 1x32 {self.scale_rule}"
+
+
+@dataclass(frozen=True)
+class NF4Layer(LayerFormat):
+    """bitsandbytes NF4, weight only: blocks of ``blocksize`` over the flattened forward weight matrix ([N, K] for a
+    linear, which is bitsandbytes' own layout; [Co, kh*kw*Ci] for a convolution). Every GEMM uses the same stored
+    weight, so ``full`` and ``dequantized`` backward coincide."""
+
+    name: ClassVar[str] = "nf4"
+    roles: ClassVar[tuple[str, ...]] = ("weight",)
+    default_roles: ClassVar[tuple[str, ...]] = ("weight",)
+    blocked_slots: ClassVar[tuple[str, ...]] = ()
+    dgrad_weight_from_fprop: ClassVar[bool] = True
+    OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "blocksize": nf4.BLOCKSIZES, "double_quant": (False, True)
+    }
+    blocksize: int = 64
+    double_quant: bool = False
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        values = nf4.fake_quantize(x, blocksize=self.blocksize, double_quant=self.double_quant, name=request.name)
+        return values.to(compute_dtype)
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        return f"nf4 /{self.blocksize}" + (" +DQ" if self.double_quant else "")
+
+
+@dataclass(frozen=True)
+class INT4Layer(LayerFormat):
+    """Symmetric INT4 per block of ``blocksize`` along each GEMM's reduction dim; weights, optionally activations.
+
+    The weight is stored once (the dgrad GEMM reuses the forward's quantized W); with ``backward=full`` and the input
+    role, X^T is requantized along tokens for the wgrad GEMM.
+    """
+
+    name: ClassVar[str] = "int4"
+    roles: ClassVar[tuple[str, ...]] = ("weight", "input")
+    default_roles: ClassVar[tuple[str, ...]] = ("weight",)
+    dgrad_weight_from_fprop: ClassVar[bool] = True
+    OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"blocksize": int4.BLOCKSIZES}
+    blocksize: int = 32
+
+    @property
+    def block(self) -> int:
+        return self.blocksize
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        return int4.fake_quantize(x, blocksize=self.blocksize, name=request.name).to(compute_dtype)
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        return f"int4 1x{self.blocksize}"
+
+
+@dataclass(frozen=True)
+class FP8Layer(LayerFormat):
+    """Per-tensor current-scaled FP8 (TE ``Float8CurrentScaling``): ``hybrid`` (TE's default) is E4M3 for X and W
+    and E5M2 for dY; ``e4m3`` / ``e5m2`` use one format for all. Per-tensor scales make W^T, X^T and dY^T the same
+    values as W, X and dY, so ``full`` is TE's FP8 backward (dgrad and wgrad with the FP8 forward operands and an FP8
+    dY)."""
+
+    name: ClassVar[str] = "fp8"
+    OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"fp8_format": ("hybrid", "e4m3", "e5m2")}
+    fp8_format: str = "hybrid"
+
+    def element_format(self, role: str) -> str:
+        if self.fp8_format == "hybrid":
+            return "e5m2" if role == "grad" else "e4m3"
+        return self.fp8_format
+
+    def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
+        fmt = self.element_format(SLOT_ROLE[request.slot])
+        return fp8.fake_quantize(x, fmt=fmt, name=request.name).to(compute_dtype)
+
+    def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
+        return f"fp8 {self.element_format(role)} per-tensor"
+
+
+def unsupported_reason(
+    fmt: LayerFormat, roles: frozenset[str], backward: str, in_channels: int, out_channels: int, groups: int,
+    in_name: str = "in_features", out_name: str = "out_features",
+) -> str | None:
+    """Why a layer of this shape cannot be quantized this way (None if it can). Tokens never matter: they are padded.
+
+    in_channels is the fprop reduction dim (K of a linear, Cin of a conv or transposed conv), out_channels the dgrad
+    reduction dim (N, Cout). Blocks must not straddle rows of the implicit GEMM (SPEC 8.5), and TE itself asserts
+    K % 16 == 0 for NVFP4 GEMM operands (SPEC 1.5), so the blocked dims must be multiples of the block length.
+    """
+    if groups != 1:
+        return f"groups={groups}: a grouped or depthwise convolution is not one GEMM; quantized convs need groups=1"
+    if fmt.block <= 1:
+        return None
+    fprop_blocked = any(
+        SLOT_ROLE[slot] in roles for slot in ("fprop_input", "fprop_weight") if slot in fmt.blocked_slots
+    )
+    if fprop_blocked and in_channels % fmt.block:
+        return (
+            f"{in_name}={in_channels} is not a multiple of {fmt.block}: {fmt.name} blocks of {fmt.block} run along "
+            f"the forward GEMM's reduction dim ({in_name})"
+        )
+    dgrad_slots = ["dgrad_grad"] + ([] if fmt.dgrad_weight_from_fprop else ["dgrad_weight"])
+    dgrad_blocked = backward == "full" and any(
+        SLOT_ROLE[slot] in roles for slot in dgrad_slots if slot in fmt.blocked_slots
+    )
+    if dgrad_blocked and out_channels % fmt.block:
+        return (
+            f"{out_name}={out_channels} is not a multiple of {fmt.block}: with backward=full the dgrad GEMM blocks "
+            f"dY and W^T along {out_name}"
+        )
+    return None
+
+
+LAYER_FORMATS: dict[str, type[LayerFormat]] = {
+    cls.name: cls for cls in (NVFP4Layer, MXFP4Layer, NF4Layer, INT4Layer, FP8Layer)
+}
+
+
+def get(name: str, options: dict[str, Any] | None = None) -> LayerFormat:
+    """The layer format ``name`` configured with ``options``; QuantError naming valid formats or options."""
+    if name not in LAYER_FORMATS:
+        raise QuantError(f"format={name!r} is not a layer format; valid choices: none, {', '.join(LAYER_FORMATS)}")
+    cls = LAYER_FORMATS[name]
+    unknown = sorted(set(options or {}) - set(cls.OPTION_CHOICES))
+    if unknown:
+        valid = ", ".join(cls.OPTION_CHOICES) or "none"
+        raise QuantError(f"format={name} has no option {unknown[0]!r}; valid options: {valid}")
+    return cls(**(options or {}))
