@@ -149,7 +149,8 @@ def _probe_values(table: torch.Tensor, max_value: float) -> torch.Tensor:
     grid = table[torch.isfinite(table) & (table >= 0)].sort().values.double()
     mids = ((grid[1:] + grid[:-1]) / 2).float()
     points = torch.cat([grid.float(), mids])
-    around = torch.cat([points, torch.nextafter(points, torch.tensor(1e38)), torch.nextafter(points, torch.tensor(0.0))])
+    up, down = torch.nextafter(points, torch.tensor(1e38)), torch.nextafter(points, torch.tensor(0.0))
+    around = torch.cat([points, up, down])
     g = torch.Generator().manual_seed(7)
     random = torch.exp(torch.rand(50000, generator=g) * 60 - 45)  # ~1e-20 .. ~1e6
     probe = torch.cat([around, random, torch.tensor([2 * max_value, 1e38])])
