@@ -70,24 +70,26 @@ class _QuantMixin:
         new._attach(quantizer)
         return new
 
-    def _weight_matrix(self) -> Tensor:
-        """The weight as the forward GEMM's operand ([N, K] / [Co, kh*kw*Ci])."""
+    def weight_matrix(self) -> Tensor:
+        """The weight as the forward GEMM's operand, reduction dim last: [N, K] for a linear, [Co, kh*kw*Ci] (K
+        ordered (kh, kw, Ci)) for a convolution, Co = out_channels also for a transposed convolution."""
         raise NotImplementedError
 
-    def _from_weight_matrix(self, m: Tensor) -> Tensor:
+    def from_weight_matrix(self, m: Tensor) -> Tensor:
+        """Inverse of ``weight_matrix``: a tensor in the GEMM layout -> the module's weight layout."""
         raise NotImplementedError
 
     @torch.no_grad()
     def quantized_weight(self) -> Operand:
         """The forward GEMM's weight operand: an ``NVFP4Tensor`` for NVFP4 (codes, scales, amax over the GEMM
         layout), fake-quantized values for other formats, the weight itself if the weight role is not quantized."""
-        return self.quantizer.operand("fprop_weight", self._weight_matrix(), self.weight.dtype)
+        return self.quantizer.operand("fprop_weight", self.weight_matrix(), self.weight.dtype)
 
     @torch.no_grad()
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight values the forward GEMM multiplies, in the module's weight layout and ``dtype``."""
         values = gemm.dense(self.quantized_weight(), dtype).to(dtype)
-        return self._from_weight_matrix(values)
+        return self.from_weight_matrix(values)
 
     def sr_state(self) -> Tensor:
         return self.quantizer.sr_state()
@@ -109,10 +111,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return quant_linear(x, self.weight, self.bias, self.quantizer)
 
-    def _weight_matrix(self) -> Tensor:
+    def weight_matrix(self) -> Tensor:
         return self.weight
 
-    def _from_weight_matrix(self, m: Tensor) -> Tensor:
+    def from_weight_matrix(self, m: Tensor) -> Tensor:
         return m
 
     def extra_repr(self) -> str:
@@ -147,10 +149,10 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         y = quant_conv2d(x, self.weight, self.bias, self.quantizer, self.stride, padding, self.dilation)
         return y.squeeze(0) if unbatched else y
 
-    def _weight_matrix(self) -> Tensor:
+    def weight_matrix(self) -> Tensor:
         return conv_weight_matrix(self.weight)
 
-    def _from_weight_matrix(self, m: Tensor) -> Tensor:
+    def from_weight_matrix(self, m: Tensor) -> Tensor:
         return conv_weight_from_matrix(m, self.weight.shape)
 
     def extra_repr(self) -> str:
@@ -180,10 +182,10 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
                                    tuple(output_padding), self.dilation)
         return y.squeeze(0) if unbatched else y
 
-    def _weight_matrix(self) -> Tensor:
+    def weight_matrix(self) -> Tensor:
         return conv_weight_matrix(self.weight.transpose(0, 1))  # [Co, kh*kw*Ci], Co = out_channels
 
-    def _from_weight_matrix(self, m: Tensor) -> Tensor:
+    def from_weight_matrix(self, m: Tensor) -> Tensor:
         return conv_weight_from_matrix(m, self.weight.transpose(0, 1).shape).transpose(0, 1)
 
     def extra_repr(self) -> str:

@@ -165,7 +165,10 @@ class Policy:
             return "format=none (nothing quantized)"
         roles = ",".join(r for r in layer_formats.ROLES if r in self.effective_roles)
         parts = [f"format={self.format}", f"roles={roles}"]
-        parts.append(f"recipe={self.recipe}")
+        if self.layer_format.nvfp4_recipe_switches:
+            parts.append(f"recipe={self.recipe}")
+        else:
+            parts.append(f"backward={self.recipe.backward}")
         parts += [f"{key}={value}" for key, value in self.options]
         defaults = Policy()
         for name in ("include", "exclude", "include_types", "exclude_types", "keep_first_n", "keep_last_n",

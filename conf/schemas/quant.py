@@ -1,0 +1,103 @@
+"""Schema of ``conf/quant/*``: one precision policy per file.
+
+Every file sets fields of this one dataclass only. ``precision`` is the Lightning precision of the compute
+(``32-true``, ``16-mixed``, ``bf16-mixed``); the fields below it describe what gets quantized and are turned into a
+frozen ``quant.Policy`` by ``to_policy()``. This mirror is mutable because Hydra needs mutable nodes; all the
+validation of the policy itself lives in ``quant`` (``quant.Recipe``, ``quant.Policy``), and ``__post_init__`` builds
+the policy once so a bad value fails at composition time with ``ConfigError`` naming the ``quant.<field>``.
+
+``backend`` picks who runs the quantized GEMMs: ``emulated`` is ``quant``'s own layers (what runs today), ``te`` will
+be Transformer Engine's modules, ``auto`` TE where it can serve the policy and the emulation elsewhere. Only the
+choice is validated here; the selection logic belongs to the TE-backend work, so every value currently runs the
+emulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+import quant
+from conf.errors import ConfigError
+from conf.schemas.common import check_choice, store_schema
+from quant.policy import QUANTIZABLE_TYPES, formats
+from quant.recipe import BACKWARD_MODES
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+BACKENDS = ("auto", "emulated", "te")
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING  # short policy name used in run names and as the W&B job_type
+    precision: str = "32-true"
+    format: str = "none"  # none | nvfp4 | mxfp4 | nf4 | int4 | fp8
+    backend: str = "auto"
+    # quant.Recipe (TE NVFP4BlockScaling); the three switches apply to nvfp4 only
+    backward: str = "full"  # full | dequantized | high_precision (TE backward_override None/"dequantized"/...)
+    disable_rht: bool = False
+    disable_stochastic_rounding: bool = False
+    disable_2d_quantization: bool = False
+    roles: Optional[list[str]] = None  # subset of weight, input, grad; null = the format's default
+    options: dict[str, Any] = field(default_factory=dict)  # format options (scale_rule, blocksize, fp8_format, ...)
+    # layer selection (quant.policy): fnmatch patterns on module names, GEMM types, first/last blocks
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    include_types: list[str] = field(default_factory=lambda: list(QUANTIZABLE_TYPES))
+    exclude_types: list[str] = field(default_factory=list)
+    keep_first_n: int = 0
+    keep_last_n: int = 0
+    block_containers: Optional[list[str]] = None  # null = the model's quant_block_containers or auto-detection
+    model_defaults: bool = True  # honour the model's high_precision_modules (UNet stem/head, LLM embeddings/head)
+    seed: int = 0  # stochastic-rounding seed; the YAML files set ${seed} so it follows the run's seed
+
+    def __post_init__(self) -> None:
+        check_choice("quant", "precision", self.precision, PRECISIONS)
+        check_choice("quant", "format", self.format, formats())
+        check_choice("quant", "backend", self.backend, BACKENDS)
+        check_choice("quant", "backward", self.backward, BACKWARD_MODES)
+        if self.format == "nvfp4" and self.precision == "16-mixed":
+            raise ConfigError(
+                "quant.precision=16-mixed is not valid with quant.format=nvfp4: TE's FP4 GEMM has no FP16 output and "
+                "its RHT takes only BF16 input, so the NVFP4 arm computes in BF16; valid choices: bf16-mixed, 32-true "
+                "(an FP16 baseline is compared with an NVFP4 arm that runs bf16-mixed)"
+            )
+        if (self.format == "nvfp4" and self.precision == "32-true" and self.backward == "full"
+                and not self.disable_rht):
+            raise ConfigError(
+                "quant.precision=32-true is not valid with quant.format=nvfp4 and backward=full: the wgrad RHT needs "
+                "BF16 operands (TE: RHT is only supported for bfloat16 input); valid: precision=bf16-mixed, or "
+                "quant.disable_rht=true"
+            )
+        self.to_policy()
+
+    def to_policy(self) -> quant.Policy:
+        """The frozen ``quant.Policy`` of this config (``ConfigError`` for a value ``quant`` rejects)."""
+        try:
+            recipe = quant.Recipe(
+                disable_rht=self.disable_rht,
+                disable_stochastic_rounding=self.disable_stochastic_rounding,
+                disable_2d_quantization=self.disable_2d_quantization,
+                backward=self.backward,
+            )
+            return quant.Policy(
+                format=self.format,
+                recipe=recipe,
+                roles=None if self.roles is None else tuple(self.roles),
+                options=dict(self.options),
+                include=tuple(self.include),
+                exclude=tuple(self.exclude),
+                include_types=tuple(self.include_types),
+                exclude_types=tuple(self.exclude_types),
+                keep_first_n=self.keep_first_n,
+                keep_last_n=self.keep_last_n,
+                block_containers=None if self.block_containers is None else tuple(self.block_containers),
+                model_defaults=self.model_defaults,
+                seed=self.seed,
+            )
+        except quant.QuantError as exc:
+            raise ConfigError(f"quant (policy {self.name!r}): {exc}") from None
+
+
+store_schema("quant", "quant", QuantConfig)
