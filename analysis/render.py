@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import FuncFormatter
 
 COLORMAPS = ("viridis", "diverging")
 MAX_ANNOTATED_CELLS = 120  # PNG heatmaps print each value only when small; text layout dominates render time
@@ -185,6 +186,10 @@ def _draw_lines(ax: Axes, chart: LineChart) -> None:
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if chart.log_y:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # not 10^x notation: loss ranges span under a decade
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel(chart.x_label)
     ax.set_ylabel(chart.y_label)
     ax.set_title(chart.title, fontsize=9)
@@ -303,12 +308,19 @@ function show(ev,text){const t=tip();t.textContent=text;t.style.display='block';
  t.style.left=(ev.clientX+12)+'px';t.style.top=(ev.clientY+12)+'px';}
 function hide(){tip().style.display='none';}
 function heatmap(box,f){
- const R=f.values.length,C=R?f.values[0].length:0,cell=Math.max(2,Math.min(24,Math.floor(900/Math.max(C,1))));
+ const R=f.values.length,C=R?f.values[0].length:0,cell=Math.max(2,Math.min(56,Math.floor(900/Math.max(C,1))));
  const ch=Math.max(2,Math.min(18,Math.floor(700/Math.max(R,1))));
+ const isIndex=ls=>ls.every((l,i)=>l===String(i));
  const wrap=el('div',{style:'display:flex;align-items:flex-start;gap:6px'},box);
  const labels=el('div',{style:'font:10px sans-serif;text-align:right;line-height:'+ch+'px'},wrap);
- if(ch>=9)f.row_labels.forEach(l=>{const d=el('div',{},labels);d.textContent=l;d.style.height=ch+'px';});
- const cv=el('canvas',{width:C*cell,height:R*ch},wrap);const g=cv.getContext('2d');
+ if(ch>=9&&!isIndex(f.row_labels))f.row_labels.forEach(l=>{const d=el('div',{},labels);d.textContent=l;
+  d.style.height=ch+'px';});
+ const col=el('div',{},wrap);const cv=el('canvas',{width:C*cell,height:R*ch,style:'display:block'},col);
+ const g=cv.getContext('2d');
+ if(cell>=9&&f.col_labels.length&&!isIndex(f.col_labels)){const n=Math.max(...f.col_labels.map(l=>l.length));
+  const sv=el('svg',{width:C*cell,height:6*n+6,style:'display:block;font:10px sans-serif'},col);
+  f.col_labels.forEach((l,c)=>{const x=c*cell+cell/2+3;el('text',{x:x,y:2,transform:'rotate(90 '+x+' 2)'},sv)
+   .textContent=l;});}
  const lo=[],hi=[];for(let c=0;c<C;c++){lo.push(Infinity);hi.push(-Infinity);}
  let glo=Infinity,ghi=-Infinity;
  f.values.forEach(r=>r.forEach((v,c)=>{if(v===null)return;lo[c]=Math.min(lo[c],v);hi[c]=Math.max(hi[c],v);
