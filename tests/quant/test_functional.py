@@ -1,0 +1,344 @@
+"""The QAT autograd functions: forward bit-exactness and every backward mode against independent references.
+
+Forward: the layers' outputs are compared bit for bit with a float64 GEMM of the decoded NVFP4 operands (decoded from
+the raw bytes in ``qat_reference``), times TE's alpha, rounded as the epilogue does, on the outputs whose FP32
+accumulation is provably exact (see ``qat_reference``); the convolution reference builds its own im2col with F.unfold.
+
+Backward: each mode is checked against torch autograd applied to fake-quantized tensors built here from the SPEC 8.5
+layouts (the test's own permutes, not ``quant.functional``'s): ``high_precision`` = autograd of the BF16-rounded
+operands, ``dequantized`` = autograd of the dequantized forward operands, ``full`` = autograd of F.linear / F.conv
+with each backward GEMM's own quantized operands (dY 1x16 along N, W^T with the 16x16 tiles, RHT'ed dY^T and X^T
+along tokens). References run in float64 and are rounded to BF16; the tolerance is one BF16 ulp plus the FP32
+summation-order error (2^-20 of the largest reference value).
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import quant
+from qat_reference import decode_scaled_codes, exact_fp32_sum, round_like_epilogue, te_alpha
+from quant import nvfp4
+
+BF16 = torch.bfloat16
+MODES = ("full", "dequantized", "high_precision")
+
+
+def assert_bf16_close(actual: torch.Tensor, reference64: torch.Tensor) -> None:
+    """actual (bf16 or fp32 grad) within 1 BF16 ulp of the float64 reference (+ FP32 summation-order slack)."""
+    ref = reference64.to(BF16).double()
+    slack = 2.0**-20 * float(reference64.abs().max())
+    torch.testing.assert_close(actual.double(), ref, rtol=2.0**-7, atol=slack)
+
+
+def quantized_layer(module: nn.Module, **policy) -> nn.Module:
+    """``module`` swapped for its QAT twin by ``quant.apply`` (inside a throwaway container)."""
+    holder = nn.Sequential(module)
+    report = quant.apply(holder, quant.Policy(format="nvfp4", **policy))
+    assert report.num_quantized == 1, report.table()
+    return holder[0]
+
+
+def fq(x: torch.Tensor, tile=(1, 16), rht=False) -> torch.Tensor:
+    """NVFP4 quantize, then TE's dequant formula in FP32 (no BF16 rounding: the full-mode GEMMs consume codes), f64."""
+    return nvfp4.dequantize(nvfp4.quantize(x, tile=tile, rht=rht), dtype=torch.float32).double()
+
+
+def fq_pixels(t: torch.Tensor) -> torch.Tensor:
+    """1x16 blocks along channels at each pixel of an NCHW tensor (SPEC 8.5), float64 NCHW out."""
+    n, c, h, w = t.shape
+    return fq(t.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def fq_tokens(rows: torch.Tensor) -> torch.Tensor:
+    """A [rows, tokens] wgrad operand: zero-pad tokens to a multiple of 16, RHT + 1x16 along tokens, float64."""
+    return fq(F.pad(rows, (0, -rows.shape[1] % 16)), rht=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward: bit exactness
+# ---------------------------------------------------------------------------------------------------------------------
+def test_linear_forward_is_bit_exact_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = quantized_layer(nn.Linear(48, 32))
+    x = torch.randn(3, 8, 48) * 2
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    assert y.dtype == BF16 and y.shape == (3, 8, 32)
+    xq = nvfp4.quantize(x.to(BF16).reshape(-1, 48), tile=(1, 16))
+    wq = nvfp4.quantize(layer.weight.detach(), tile=(16, 16))  # the FP32 master weight
+    a, b = decode_scaled_codes(xq), decode_scaled_codes(wq)
+    exact = torch.from_numpy(exact_fp32_sum(a, b))
+    assert exact.float().mean() > 0.9
+    ref = round_like_epilogue(a @ b.T, te_alpha(xq.amax, wq.amax), BF16, layer.bias.detach().to(BF16).float().numpy())
+    got = y.reshape(24, 32)
+    assert torch.equal(got[exact].view(torch.int16), ref[exact].view(torch.int16))
+
+
+def test_linear_forward_in_fp32_outputs_fp32_bit_exact():
+    torch.manual_seed(1)
+    layer = quantized_layer(nn.Linear(32, 16, bias=False), recipe=quant.Recipe(disable_rht=True))
+    x = torch.randn(10, 32)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    xq, wq = nvfp4.quantize(x, tile=(1, 16)), nvfp4.quantize(layer.weight.detach(), tile=(16, 16))
+    a, b = decode_scaled_codes(xq), decode_scaled_codes(wq)
+    exact = torch.from_numpy(exact_fp32_sum(a, b))
+    ref = round_like_epilogue(a @ b.T, te_alpha(xq.amax, wq.amax), torch.float32)
+    assert exact.float().mean() > 0.9
+    assert torch.equal(y.detach()[exact].view(torch.int32), ref[exact].view(torch.int32))
+
+
+def _decode_pixels(q, shape):
+    n, c, h, w = shape
+    return torch.from_numpy(decode_scaled_codes(q)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _scaled_code_quantum(values: torch.Tensor) -> float:
+    """Smallest quantum of the non-zero scaled codes (each has at most 6 significant bits)."""
+    nonzero = values.abs()[values != 0]
+    return float((2.0 ** (torch.floor(torch.log2(nonzero)) - 5)).min())
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_conv_forward_is_bit_exact_against_float64_implicit_gemm(transposed):
+    torch.manual_seed(2)
+    if transposed:
+        module = nn.ConvTranspose2d(16, 32, 3, stride=2, padding=1, output_padding=1)
+    else:
+        module = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    layer = quantized_layer(module)
+    x = torch.randn(2, 16, 5, 5)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    # Operands as SPEC 8.5 defines them: X per pixel along Cin; W as [Co, kh, kw, Ci] (Co = output channels).
+    w_oi = layer.weight.detach().transpose(0, 1) if transposed else layer.weight.detach()  # [Co, Ci, kh, kw]
+    xq = nvfp4.quantize(x.to(BF16).permute(0, 2, 3, 1).reshape(-1, 16), tile=(1, 16))
+    wq = nvfp4.quantize(w_oi.permute(0, 2, 3, 1).reshape(32, -1), tile=(16, 16))
+    x_dec = _decode_pixels(xq, x.shape)  # float64 NCHW
+    w_dec = torch.from_numpy(decode_scaled_codes(wq)).reshape(32, 3, 3, 16).permute(0, 3, 1, 2)  # [Co, Ci, 3, 3]
+    if transposed:
+        conv = lambda a, b: F.conv_transpose2d(a, b.transpose(0, 1), stride=2, padding=1, output_padding=1)  # noqa
+    else:
+        conv = lambda a, b: F.conv2d(a, b, stride=2, padding=1)  # noqa: E731
+    sums = conv(x_dec, w_dec)  # exact in float64
+    bound = conv(x_dec.abs(), w_dec.abs())
+    exact = bound <= 2.0**24 * _scaled_code_quantum(x_dec) * _scaled_code_quantum(w_dec)
+    assert exact.float().mean() > 0.9
+    bias = layer.bias.detach().to(BF16).float().numpy()[None, :, None, None]
+    ref = round_like_epilogue(sums.numpy(), te_alpha(xq.amax, wq.amax), BF16, bias)
+    assert y.shape == ref.shape
+    assert torch.equal(y[exact].view(torch.int16), ref[exact].view(torch.int16))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward modes: Linear
+# ---------------------------------------------------------------------------------------------------------------------
+def _linear_grads(mode: str, recipe_kwargs=None):
+    torch.manual_seed(3)
+    recipe = quant.Recipe(backward=mode, disable_stochastic_rounding=True, **(recipe_kwargs or {}))
+    layer = quantized_layer(nn.Linear(32, 16), recipe=recipe)
+    x = torch.randn(24, 32, requires_grad=True)  # 24 tokens: not a multiple of 16 (exercises the padding)
+    dy = torch.randn(24, 16).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    y.backward(dy)
+    return layer, x, dy
+
+
+def _autograd(fn, inputs, grad_out):
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_out.double())
+
+
+def test_linear_high_precision_backward_is_autograd_of_bf16_operands():
+    layer, x, dy = _linear_grads("high_precision")
+    w_c = layer.weight.detach().to(BF16)
+    dx, dw = _autograd(F.linear, (x.to(BF16), w_c), dy)
+    assert_bf16_close(x.grad, dx)
+    assert_bf16_close(layer.weight.grad, dw)
+    assert_bf16_close(layer.bias.grad, dy.double().sum(0))
+
+
+def test_linear_dequantized_backward_is_autograd_of_fake_quantized_operands():
+    layer, x, dy = _linear_grads("dequantized")
+    x_hat = nvfp4.fake_quantize(x.detach().to(BF16))  # the forward's dequantized operands, in BF16
+    w_hat = nvfp4.fake_quantize(layer.weight.detach(), tile=(16, 16)).to(BF16)
+    dx, dw = _autograd(F.linear, (x_hat, w_hat), dy)
+    assert_bf16_close(x.grad, dx)
+    assert_bf16_close(layer.weight.grad, dw)
+
+
+@pytest.mark.parametrize("two_d", [True, False], ids=["w16x16", "w1x16"])
+def test_linear_full_backward_quantizes_each_gemm_operand_as_te(two_d):
+    layer, x, dy = _linear_grads("full", {"disable_2d_quantization": not two_d})
+    w = layer.weight.detach()
+    # dgrad: dY 1x16 along N (RN here: SR disabled), W^T [K, N] along N (16x16 tiles: the forward codes transposed).
+    w_t_hat = fq(w.t(), tile=(16, 16) if two_d else (1, 16))  # [K, N]
+    dummy_x = torch.zeros(24, 32, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(F.linear(dummy_x, w_t_hat.t()), dummy_x, fq(dy))
+    # wgrad: dY^T [N, T] and X^T [K, T], RHT + 1x16 along tokens; dW = grad of F.linear(A, w) with A = X_hat, G = dY_hat
+    dy_t_hat = fq_tokens(dy.t())  # [N, 32]
+    x_t_hat = fq_tokens(x.detach().to(BF16).t())  # [K, 32]
+    dummy_w = torch.zeros(16, 32, dtype=torch.float64, requires_grad=True)
+    (dw,) = torch.autograd.grad(F.linear(x_t_hat.t(), dummy_w), dummy_w, dy_t_hat.t())
+    assert_bf16_close(x.grad, dx)
+    assert_bf16_close(layer.weight.grad, dw)
+    # The RHT cancels inside the product: dW is close to the unrotated product but not equal to it.
+    plain = fq(F.pad(dy.t(), (0, 8))) @ fq(F.pad(x.detach().to(BF16).t(), (0, 8))).t()
+    assert not torch.allclose(dw, plain)
+    assert float((dw - dy.double().t() @ x.detach().to(BF16).double()).norm()) < 0.5 * float(dw.norm())
+
+
+def test_linear_full_backward_without_rht_uses_plain_token_blocks():
+    layer, x, dy = _linear_grads("full", {"disable_rht": True})
+    # 32-true compute is allowed without RHT; here we stay under BF16 autocast and compare the wgrad only.
+    dw = fq(dy.t()) @ fq(x.detach().to(BF16).t()).t()
+    assert_bf16_close(layer.weight.grad, dw)
+
+
+def test_stochastic_rounding_of_dy_is_unbiased_and_seeded():
+    torch.manual_seed(4)
+    layer = quantized_layer(nn.Linear(32, 16, bias=False))
+    x = torch.randn(32, 32)
+    dy = torch.randn(32, 16).to(BF16)
+
+    def dgrad() -> torch.Tensor:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            layer(xi).backward(dy)
+        layer.weight.grad = None
+        return xi.grad.double()
+
+    w_hat_t = fq(layer.weight.detach().t(), tile=(16, 16))  # [K, N]
+    target = dy.double() @ w_hat_t.t()  # dY unquantized, W as the dgrad GEMM sees it
+    rn = fq(dy) @ w_hat_t.t()
+    draws = [dgrad() for _ in range(48)]
+    sr_mean = torch.stack(draws).mean(0)
+    assert not torch.equal(draws[0], draws[1]), "SR must draw fresh random bits on every backward"
+    assert float((sr_mean - target).norm()) < float((rn - target).norm())
+    # Same seed and layer index -> the same stream; restoring the state replays it.
+    state = layer.sr_state()
+    first = dgrad()
+    layer.load_sr_state(state)
+    assert torch.equal(dgrad(), first)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward modes: convolutions
+# ---------------------------------------------------------------------------------------------------------------------
+def _conv_case(transposed: bool, mode: str):
+    torch.manual_seed(5)
+    recipe = quant.Recipe(backward=mode, disable_stochastic_rounding=True)
+    if transposed:
+        module = nn.ConvTranspose2d(16, 32, 2, stride=2)
+    else:
+        module = nn.Conv2d(16, 32, 3, padding=1, stride=1)
+    layer = quantized_layer(module, recipe=recipe)
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)  # 50 tokens (not a multiple of 16)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    dy = torch.randn(y.shape).to(BF16)
+    y.backward(dy)
+    conv = (lambda a, w: F.conv_transpose2d(a, w, stride=2)) if transposed else (lambda a, w: F.conv2d(a, w, padding=1))
+    return layer, x, dy, conv
+
+
+def _w_oi(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return weight.transpose(0, 1) if transposed else weight  # [Co, Ci, kh, kw]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_conv_high_precision_backward_is_autograd_of_bf16_operands(transposed):
+    layer, x, dy, conv = _conv_case(transposed, "high_precision")
+    dx, dw = _autograd(conv, (x.to(BF16), layer.weight.detach().to(BF16)), dy)
+    assert_bf16_close(x.grad, dx)
+    assert_bf16_close(layer.weight.grad, dw)
+    assert_bf16_close(layer.bias.grad, dy.double().sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_conv_dequantized_backward_is_autograd_of_fake_quantized_operands(transposed):
+    layer, x, dy, conv = _conv_case(transposed, "dequantized")
+    w_oi = _w_oi(layer.weight.detach(), transposed)
+    co, ci, kh, kw = w_oi.shape
+    w_hat_oi = nvfp4.fake_quantize(w_oi.permute(0, 2, 3, 1).reshape(co, -1), tile=(16, 16))
+    w_hat = _w_oi(w_hat_oi.reshape(co, kh, kw, ci).permute(0, 3, 1, 2), transposed).to(BF16)
+    x_hat = fq_pixels(x.detach().to(BF16)).to(BF16)
+    dx, dw = _autograd(conv, (x_hat, w_hat), dy)
+    assert_bf16_close(x.grad, dx)
+    assert_bf16_close(layer.weight.grad, dw)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_conv_full_backward_quantizes_each_implicit_gemm_operand(transposed):
+    layer, x, dy, conv = _conv_case(transposed, "full")
+    w_oi = _w_oi(layer.weight.detach(), transposed)
+    co, ci, kh, kw = w_oi.shape
+    # dgrad: dY per output pixel along Co; W per tap as [Ci, kh*kw*Co] with 16x16 tiles over (Ci, Co).
+    w_d = fq(w_oi.permute(1, 2, 3, 0).reshape(ci, -1), tile=(16, 16)).reshape(ci, kh, kw, co).permute(3, 0, 1, 2)
+    x_dummy = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(conv(x_dummy, _w_oi(w_d, transposed)), x_dummy, fq_pixels(dy))
+    assert_bf16_close(x.grad, dx)
+    # wgrad: a GEMM over tokens with RHT + 1x16 along tokens on both operands.
+    x_c = x.detach().to(BF16)
+    if transposed:  # tokens = input pixels: X^T [Ci, T] and the unfolded dY [(kh, kw, Co), T]
+        input_t = x_c.permute(1, 0, 2, 3).reshape(ci, -1)
+        cols = F.unfold(dy, (kh, kw), stride=2)  # [N, Co*kh*kw, H*W]
+        grad_t = cols.reshape(2, co, kh, kw, -1).permute(2, 3, 1, 0, 4).reshape(kh * kw * co, -1)
+        w_dummy = torch.zeros(ci, kh * kw * co, dtype=torch.float64, requires_grad=True)
+        (dw_m,) = torch.autograd.grad(F.linear(fq_tokens(grad_t).t(), w_dummy), w_dummy, fq_tokens(input_t).t())
+        dw = dw_m.reshape(ci, kh, kw, co).permute(0, 3, 1, 2)  # [Ci, Co, kh, kw]
+    else:  # tokens = output pixels: dY^T [Co, T] and the im2col of X [(kh, kw, Ci), T]
+        grad_t = dy.permute(1, 0, 2, 3).reshape(co, -1)
+        cols = F.unfold(x_c, (kh, kw), padding=1)  # [N, Ci*kh*kw, OH*OW]
+        input_t = cols.reshape(2, ci, kh, kw, -1).permute(2, 3, 1, 0, 4).reshape(kh * kw * ci, -1)
+        w_dummy = torch.zeros(co, kh * kw * ci, dtype=torch.float64, requires_grad=True)
+        (dw_m,) = torch.autograd.grad(F.linear(fq_tokens(input_t).t(), w_dummy), w_dummy, fq_tokens(grad_t).t())
+        dw = dw_m.reshape(co, kh, kw, ci).permute(0, 3, 1, 2)
+    assert_bf16_close(layer.weight.grad, dw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Other formats inside the layers
+# ---------------------------------------------------------------------------------------------------------------------
+def test_fp8_hybrid_full_backward_quantizes_dy_in_e5m2():
+    torch.manual_seed(6)
+    holder = nn.Sequential(nn.Linear(32, 16, bias=False))
+    quant.apply(holder, quant.Policy(format="fp8"))
+    x = torch.randn(8, 32, requires_grad=True)
+    dy = torch.randn(8, 16).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        y = holder(x)
+    y.backward(dy)
+    w = holder[0].weight.detach()
+    x_hat = quant.fp8.fake_quantize(x.detach().to(BF16), fmt="e4m3").double()
+    w_hat = quant.fp8.fake_quantize(w, fmt="e4m3").to(BF16).double()
+    dy_hat = quant.fp8.fake_quantize(dy, fmt="e5m2").double()
+    assert_bf16_close(y.detach(), x_hat @ w_hat.t())
+    assert_bf16_close(x.grad, dy_hat @ w_hat)
+    assert_bf16_close(holder[0].weight.grad, dy_hat.t() @ x_hat)
+
+
+@pytest.mark.parametrize("fmt, options, fake", [
+    ("mxfp4", {"scale_rule": "rceil"}, lambda t: quant.mxfp4.fake_quantize(t, scale_rule="rceil")),
+    ("int4", {"blocksize": 16}, lambda t: quant.int4.fake_quantize(t, blocksize=16)),
+    ("nf4", {"blocksize": 64}, lambda t: quant.nf4.fake_quantize(t, blocksize=64)),
+])
+def test_fake_quant_formats_forward_and_straight_through_backward(fmt, options, fake):
+    torch.manual_seed(7)
+    holder = nn.Sequential(nn.Linear(64, 32, bias=False))
+    policy = quant.Policy(format=fmt, options=options, recipe=quant.Recipe(backward="dequantized"))
+    quant.apply(holder, policy)
+    x = torch.randn(8, 64, requires_grad=True)
+    dy = torch.randn(8, 32).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        y = holder(x)
+    y.backward(dy)
+    roles = policy.effective_roles
+    x_hat = (fake(x.detach().to(BF16)) if "input" in roles else x.detach().to(BF16)).double()
+    w_hat = fake(holder[0].weight.detach()).to(BF16).double()
+    assert_bf16_close(y.detach(), x_hat @ w_hat.t())
+    assert_bf16_close(x.grad, dy.double() @ w_hat)
+    assert_bf16_close(holder[0].weight.grad, dy.double().t() @ x_hat)
