@@ -30,17 +30,9 @@ E5M2_MAX = 57344.0
 # Magnitudes of the 8 non-negative E2M1 codes (code = sign << 3 | magnitude index), SPEC 2.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
-
-def _next_below(value: float) -> float:
-    """The largest float32 strictly below `value` (value > 0)."""
-    return torch.nextafter(torch.tensor(value), torch.tensor(0.0)).item()
-
-
-# bucketize(a, B) counts the boundaries b < a, i.e. it implements "a > b". The thresholds whose ties round up
-# (0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0) need "a >= b", which is "a > nextafter(b, 0)" in float32.
-_E2M1_BOUNDARIES = torch.tensor(
-    [0.25, _next_below(0.75), 1.25, _next_below(1.75), 2.5, _next_below(3.5), 5.0], dtype=torch.float32
-)
+# SPEC 1.3 as (threshold, ties round up): the magnitude code is the number of thresholds a value passes, where a tie
+# passes only the thresholds whose ties go up (0.75 -> 1.0, 1.75 -> 2.0, 3.5 -> 4.0; the others go to the even code).
+_E2M1_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 _E2M1_VALUES = torch.tensor([*E2M1_GRID, *(-v for v in E2M1_GRID)], dtype=torch.float32)  # [16], code -> value
 
 
@@ -57,7 +49,10 @@ def e2m1_values(codes: Tensor) -> Tensor:
 
 def e2m1_encode_rne(y: Tensor) -> Tensor:
     """E2M1 round-to-nearest-even with saturation (PTX `cvt.rn.satfinite.e2m1x2.f32`): float32 -> uint8 codes 0..15."""
-    magnitude = torch.bucketize(y.abs(), _E2M1_BOUNDARIES.to(y.device)).to(torch.uint8)
+    a = y.abs()
+    magnitude = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for threshold, tie_up in _E2M1_THRESHOLDS:  # 7 comparisons: several times faster than torch.bucketize on CPU
+        magnitude += (a >= threshold) if tie_up else (a > threshold)
     return magnitude | ((y < 0).to(torch.uint8) << 3)
 
 

@@ -114,9 +114,10 @@ def _block_amax(xp: Tensor, tile: tuple[int, int]) -> Tensor:
 def _quantize_unpacked(
     x: Tensor, tile: tuple[int, int], rht: bool, stochastic: bool, generator: torch.Generator | None, name: str | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """SPEC 1.2 steps 1-9: x [..., K] -> (codes uint8 [M, Kp] unpacked, scale bytes uint8 [M, Kp/16], amax fp32)."""
+    """SPEC 1.2 steps 1-9: x [..., K] -> (codes uint8 [M, Kp] unpacked, scale bytes uint8 [M, Kp/16], amax fp32).
+
+    `tile` must already be validated by `_check_tile`."""
     check_float_tensor(x, FORMAT, name)
-    tile = _check_tile(tile, name)
     x2d = x.detach().reshape(-1, x.shape[-1])  # [M, K]
     xf = x2d.to(torch.float32).contiguous()
     amax = xf.abs().amax()
@@ -159,6 +160,7 @@ def quantize(
     along the last dim first (bfloat16 input, last dim % 16 == 0). stochastic: SR with 8 bits/element from
     `generator`. name: how errors refer to the tensor (e.g. "layer3.conv1 weight").
     """
+    tile = _check_tile(tile, name)
     codes, scale_bytes, amax = _quantize_unpacked(x, tile, rht, stochastic, generator, name)
     return NVFP4Tensor(
         codes=numerics.pack_nibbles(codes),
@@ -166,7 +168,7 @@ def quantize(
         amax=amax,
         shape=x.shape,
         dtype=x.dtype,
-        tile=_check_tile(tile, name),
+        tile=tile,
         rht=rht,
         stochastic=stochastic,
     )
@@ -201,7 +203,7 @@ def fake_quantize(
     name: str | None = None,
 ) -> Tensor:
     """dequantize(quantize(x, ...)) in x.dtype, without the packing round trip. Not differentiable (no autograd)."""
-    codes, scale_bytes, amax = _quantize_unpacked(x, tile, rht, stochastic, generator, name)
+    codes, scale_bytes, amax = _quantize_unpacked(x, _check_tile(tile, name), rht, stochastic, generator, name)
     return _restore(_decode(codes, scale_bytes, amax), x.shape, x.dtype, rotated=rht, undo_rht=False)
 
 
