@@ -67,7 +67,7 @@ def rasterize(
     labels = np.array([label_map.thing_of[a["category_id"]] for a in kept], dtype=np.int64)  # [N]
     semantic = np.zeros((height, width), dtype=np.uint8)
     if overlap_rule == "area_desc":
-        areas = masks.reshape(len(kept), -1).sum(axis=1)
+        areas = masks.sum(axis=(1, 2))  # [N] decoded pixel counts
         order = sorted(range(len(kept)), key=lambda i: (-int(areas[i]), kept[i]["id"] or 0))
         for i in order:
             semantic[masks[i] > 0] = labels[i] + 1

@@ -23,7 +23,7 @@ IGNORE_INDEX = 255
 
 def to_float_image(array: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, C] -> float32 [C, H, W] in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(255.0)
+    return torch.from_numpy(array.astype(np.float32).transpose(2, 0, 1)).div_(255.0)  # astype copies: writable
 
 
 def normalize(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -45,6 +45,8 @@ def resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     if tuple(labels.shape[-2:]) == hw:
         return labels
     lead = labels.shape[:-2]
+    if labels.numel() == 0:  # e.g. [0, H, W]: an image without instances
+        return labels.new_zeros((*lead, *hw))
     flat = labels.reshape(1, -1, *labels.shape[-2:]).float()  # [1, prod(lead), H, W]
     out = F.interpolate(flat, size=hw, mode="nearest-exact")
     return out.reshape(*lead, *hw).to(labels.dtype)

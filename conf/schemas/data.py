@@ -109,6 +109,9 @@ class CocoTargetsConfig(SegmentationConfig):
 class CocoConfig(CocoTargetsConfig):
     name: str = "coco"
     root: Optional[str] = None  # holds annotations/instances_<split>.json and <split>/ image folders
+    batch_size: int = 8
+    image_size: int = 256
+    train_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     train_split: str = "train2017"
     val_split: str = "val2017"
 
@@ -116,6 +119,8 @@ class CocoConfig(CocoTargetsConfig):
 @dataclass
 class ShapesConfig(CocoTargetsConfig):
     name: str = "shapes"
+    train_scale: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    overlap_rule: str = "area_desc"  # the generator paints largest first: area_desc labels exactly what is visible
     generator_seed: int = 0  # the data set's identity; the run's seed only shuffles and augments
     num_train: int = 512
     num_val: int = 128
@@ -142,6 +147,8 @@ class ShapesConfig(CocoTargetsConfig):
 class MvtecConfig(SegmentationConfig):
     name: str = "mvtec"
     root: Optional[str] = None  # holds <category>/{train,test,ground_truth}/
+    batch_size: int = 8
+    image_size: int = 256
     categories: Optional[list[str]] = None  # None: every category folder under root
     mask_mode: str = "binary"  # binary: defect vs background | per_defect: one class per defect type
     val_fraction: float = 0.3  # share of each (category, defect type) group of test/ images used for validation
@@ -183,11 +190,21 @@ class ImageFolderConfig(ClassificationConfig):
 class Cifar10Config(ImageFolderConfig):
     name: str = "cifar10"
     val_split: str = "test"
+    batch_size: int = 128
+    image_size: int = 32
+    crop_padding: int = 4
+    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
 
 
 @dataclass
 class ShapesClsConfig(ClassificationConfig):
     name: str = "shapes_cls"
+    batch_size: int = 64
+    image_size: int = 32
+    crop_padding: int = 2
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     generator_seed: int = 0
     num_train: int = 1200
     num_val: int = 300
@@ -206,6 +223,12 @@ class ShapesClsConfig(ClassificationConfig):
 class MnistConfig(ClassificationConfig):
     name: str = "mnist"
     root: Optional[str] = None  # holds {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
+    batch_size: int = 128
+    image_size: int = 28
+    hflip: bool = False  # digits are not mirror-symmetric
+    crop_padding: int = 2
+    mean: list[float] = field(default_factory=lambda: [0.1307])
+    std: list[float] = field(default_factory=lambda: [0.3081])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,6 +239,7 @@ class MnistConfig(ClassificationConfig):
 @dataclass
 class TextConfig(DataConfig):
     name: str = "text"
+    batch_size: int = 32
     path: Optional[str] = None  # a UTF-8 text file; None: the embedded procedurally generated story corpus
     tokenizer: str = "char"  # char: one token per character of the corpus | gpt2: GPT-2 BPE via tiktoken
     tokenizer_dir: Optional[str] = None  # gpt2: folder holding r50k_base.tiktoken (nothing is downloaded)
