@@ -57,8 +57,8 @@ def e2m1_encode_rne(y: Tensor) -> Tensor:
 
 
 def _e2m1_step(a: Tensor) -> Tensor:
-    """Spacing of the E2M1 grid just above magnitude `a`: 0.5 below 2, 1 in [2, 4), 2 from 4 on."""
-    return torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0)).to(torch.float32)
+    """Spacing of the E2M1 grid just above magnitude `a`: 0.5 below 2, 1 in [2, 4), 2 from 4 on (float32)."""
+    return 0.5 + 0.5 * (a >= 2.0).to(torch.float32) + (a >= 4.0).to(torch.float32)
 
 
 def e2m1_encode_stochastic(y: Tensor, random_bits: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ def e2m1_encode_stochastic(y: Tensor, random_bits: Tensor) -> Tensor:
     t = a + u * _e2m1_step(a)  # u * step is exact, so this is the single rounding of fma(u, step, a)
     step_t = _e2m1_step(t)
     rounded = torch.clamp_max(torch.floor(t / step_t) * step_t, E2M1_MAX)  # a grid value; division by 2^k is exact
-    rounded = torch.where(torch.isnan(y), E2M1_MAX, rounded)
+    rounded = torch.nan_to_num(rounded, nan=E2M1_MAX)  # NaN only where y is NaN
     return e2m1_encode_rne(rounded) | ((y < 0).to(torch.uint8) << 3)
 
 
