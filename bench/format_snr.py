@@ -8,7 +8,7 @@ RHT rows are measured in the original basis (`undo_rht=True`); SR rows are one s
 The time column is the best of 7 wall times of `fake_quantize` on a 1024x1024 float32 tensor (BF16 for RHT), on this CPU
 with torch's default thread count unless --threads is given.
 
-Usage: python bench/format_snr.py [--rows 2048] [--cols 2048] [--seed 0] [--threads N]
+Usage (from the repository root): python -m bench.format_snr [--rows 2048] [--cols 2048] [--seed 0] [--threads N]
 """
 
 import argparse

@@ -48,7 +48,6 @@ THRESHOLDS = (
 )  # fmt: skip
 
 _CODEBOOK = torch.tensor(CODEBOOK, dtype=torch.float32)
-_THRESHOLDS = torch.tensor(THRESHOLDS, dtype=torch.float32)
 
 
 def dynamic_map() -> Tensor:
@@ -145,7 +144,9 @@ def _quantize_codes(x: Tensor, blocksize: int, name: str | None) -> tuple[Tensor
     absmax = blocks.abs().amax(dim=1)
     check_finite(absmax.max(), blocks, FORMAT, name)
     normalised = blocks * _reciprocal_or_zero(absmax)[:, None]
-    codes = torch.bucketize(normalised, _THRESHOLDS.to(x.device)).to(torch.uint8)  # number of thresholds t < n
+    codes = torch.zeros(normalised.shape, dtype=torch.uint8, device=normalised.device)
+    for threshold in THRESHOLDS:  # code = number of thresholds t with n > t (compared in float32, as the kernel)
+        codes += normalised > threshold
     return codes, absmax
 
 
