@@ -24,6 +24,8 @@ IGNORE_INDEX = -100
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(mean CE over labelled tokens, number of labelled tokens) for logits [B, T, V], labels [B, T]."""
     tokens = int((labels != IGNORE_INDEX).sum())
+    if tokens == 0:
+        return logits.float().sum() * 0.0, 0  # nothing to predict: no signal, but keep the graph
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     return loss, tokens
 

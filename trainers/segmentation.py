@@ -119,10 +119,9 @@ class SegmentationTask(TaskModule):
     def _add_detections(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
         for b, inst in enumerate(batch["instances"]):
             masks, scores, labels = query_detections(outputs["class_logits"][b], outputs["mask_logits"][b])
-            crowd = inst["ignore"].cpu().numpy()
             self.coco.add_image(
                 int(batch["image_id"][b]), inst["masks"].cpu().numpy(), inst["labels"].cpu().numpy(),
-                crowd if crowd.any() else None, masks.cpu().numpy(), scores.cpu().numpy(), labels.cpu().numpy(),
+                inst["ignore"].cpu().numpy(), masks.cpu().numpy(), scores.cpu().numpy(), labels.cpu().numpy(),
             )
 
     def on_validation_epoch_start(self) -> None:

@@ -60,7 +60,7 @@ class UNetConfig:
         check_range("model", "base_channels", self.base_channels, 1)
         check_range("model", "norm_groups", self.norm_groups, 1)
         for level, channels in enumerate(self.channels_raw()):
-            if channels != int(channels) or int(channels) % CHANNEL_MULTIPLE:
+            if channels != int(channels) or channels < CHANNEL_MULTIPLE or int(channels) % CHANNEL_MULTIPLE:
                 raise ConfigError(
                     f"model.width={self.width!r} with model.base_channels={self.base_channels} gives {channels:g} "
                     f"channels at level {level}; valid: base_channels * width a multiple of {CHANNEL_MULTIPLE} "

@@ -17,6 +17,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
     "make, message",
     [
         (lambda: UNetConfig(width=0.3), r"model.width=0.3 .* 19.2 channels at level 0; valid: .*multiple of 16"),
+        (lambda: UNetConfig(width=0.0), r"model.width=0.0 .* gives 0 channels at level 0"),
         (lambda: UNetConfig(upsample="nearest"), r"model.upsample='nearest' is not valid; valid choices: transpose, "
                                                  r"interp"),
         (lambda: UNetConfig(depth=9), r"model.depth=9 is out of range; valid range: \[2, 6\]"),
