@@ -116,7 +116,8 @@ def _quantize_unpacked(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SPEC 1.2 steps 1-9: x [..., K] -> (codes uint8 [M, Kp] unpacked, scale bytes uint8 [M, Kp/16], amax fp32).
 
-    `tile` must already be validated by `_check_tile`."""
+    `tile` must already be validated by `_check_tile`.
+    """
     check_float_tensor(x, FORMAT, name)
     x2d = x.detach().reshape(-1, x.shape[-1])  # [M, K]
     xf = x2d.to(torch.float32).contiguous()
