@@ -1,0 +1,261 @@
+"""Triton kernels for TE-exact NVFP4: global amax, quantize (codes + scales), fused fake-quantize, decode.
+
+Why: the PyTorch reference (``quant.nvfp4``) materialises a float32 copy of the tensor and a dozen intermediates, so
+a fake-quantize of an 8192x4096 BF16 tensor moves many times the bytes it must. Here every output comes from one read
+of the input after a separate global-amax reduction (the amax must be known before any block scale, SPEC 1.2 step 1):
+
+* ``_amax_kernel``: max |x| (of the RHT'ed tensor when ``RHT``) into a float32 cell with ``atomic_max``. NaN counts as
+  +inf, so the amax is +inf iff the tensor holds a non-finite value ("poisoned", see ``quant.kernels.checks``).
+* ``_quantize_kernel``: per tile [BM, BK] the SPEC 1.2 chain in float32, one operation at a time (same order and
+  constants as ``quant.nvfp4``); writes the packed codes and E4M3 scale bytes and/or the dequantized values
+  (TE's dequant formula, SPEC 1.8) in the output dtype. 16x16 tiles take the block max over 16 rows (BM % 16 == 0).
+  Stochastic rounding draws 8 bits per element from Philox (``tl.randint4x``: one call per 16-element block, keyed by
+  the block's global index and a per-call seed), so results are reproducible given the seed but are not the
+  reference's bits (SR is tested statistically, SPEC 1.7).
+* ``_decode_kernel``: packed codes + scale bytes -> dequantized values or the GEMM's scaled codes.
+
+A poisoned tensor (amax = +inf) gets scale byte 0x7F (E4M3 NaN) and NaN dequantized values, so it cannot pass
+silently into a GEMM; the error itself is raised by the caller (``quant.kernels.checks``).
+Inputs are 2-D views with arbitrary strides (a transposed view is read in place); outputs are contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from quant import numerics, rht as rht_transform
+from quant.kernels.rounding import (
+    e2m1_code_value,
+    e2m1_index_of_magnitude,
+    e2m1_magnitude,
+    e2m1_rne_index,
+    e2m1_sr_magnitude,
+    e4m3_round,
+    e4m3_value,
+    rht_tile,
+    store_values,
+)
+from quant.nvfp4 import BLOCK, E2M1_X_E4M3, INV_2688, INV_6
+
+FLT_MAX = numerics.FLT_MAX
+SIGN_MASK = sum(1 << i for i, s in enumerate(rht_transform.SIGN_VECTOR) if s < 0)  # bit i <=> s_i = -1
+_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+
+
+@triton.jit
+def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr):
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    return tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
+
+
+@triton.jit
+def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr,
+                 RHT: tl.constexpr, SIGN_MASK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, tl.program_id(0), tl.program_id(1), BM, BK)
+    if RHT:
+        x = rht_tile(x, BM, BK, SIGN_MASK)
+    else:
+        x = x.to(tl.float32)
+    a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax flags any non-finite element
+    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K] (any strides); KP = K rounded up to 16
+    amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [1] SR seed (read only if STOCHASTIC)
+    out_ptr,  # dequantized values [M, K] contiguous, output dtype (if WRITE_VALUES)
+    codes_ptr, scales_ptr,  # uint8 [M, KP/2] packed codes, uint8 [M, KP/16] scale bytes (if WRITE_CODES)
+    TILE_ROWS: tl.constexpr, RHT: tl.constexpr, STOCHASTIC: tl.constexpr,
+    WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr,
+    SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr, E2M1_X_E4M3: tl.constexpr,
+    FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    NB: tl.constexpr = BK // 16
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+    if RHT:
+        x = rht_tile(x, BM, BK, SIGN_MASK)
+    else:
+        x = x.to(tl.float32)  # [BM, BK]
+
+    # SPEC 1.2 steps 2-4 (per program; a handful of scalar operations)
+    amax = tl.load(amax_ptr)
+    poisoned = (amax != amax) | (amax > FLT_MAX)
+    s_enc = tl.minimum(tl.div_rn(E2M1_X_E4M3 + tl.zeros_like(amax), amax), FLT_MAX)
+    s_enc = tl.where((amax == 0.0) | (s_enc == 0.0), 1.0, s_enc)
+    s_dec = tl.div_rn(1.0 + tl.zeros_like(s_enc), s_enc)
+    multiplier = s_enc * INV_6
+
+    # steps 5-7: block max, one rounding to E4M3, encode factor = 1 / (s_b * S_dec)
+    blocks = tl.reshape(x, (BM, NB, 16))
+    if TILE_ROWS == 16:
+        tiles = tl.max(tl.max(tl.reshape(tl.abs(x), (BM // 16, 16, NB, 16)), axis=3), axis=1)  # [BM/16, NB]
+        block_amax = tl.reshape(tl.broadcast_to(tiles[:, None, :], (BM // 16, 16, NB)), (BM, NB))
+    else:
+        block_amax = tl.max(tl.abs(blocks), axis=2)  # [BM, NB]
+    scale_byte, scale = e4m3_round(tl.minimum(block_amax * multiplier, 448.0))  # [BM, NB]
+    encode = tl.minimum(tl.div_rn(1.0 + tl.zeros_like(scale), scale * s_dec), FLT_MAX)
+
+    # steps 8-9: scale and round to E2M1 (magnitude on the grid, sign of y)
+    y = blocks * encode[:, :, None]  # [BM, NB, 16]
+    if STOCHASTIC:
+        rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        block_index = rows[:, None] * (KP // 16) + (pid_k * NB + tl.arange(0, NB))[None, :]  # [BM, NB]
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), block_index)
+        words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, NB, 4))  # 16 random bytes per block
+        shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
+        random_bytes = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [BM, NB, 4, 4]
+        u = tl.reshape(random_bytes, (BM, NB, 16)).to(tl.float32) * (1.0 / 256.0)
+        magnitude = e2m1_sr_magnitude(tl.abs(y), u)
+        index = e2m1_index_of_magnitude(magnitude)
+    else:
+        index = e2m1_rne_index(tl.abs(y))
+        magnitude = e2m1_magnitude(index)
+    negative = y < 0.0
+
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    row_ok = rows < M
+    if WRITE_CODES:
+        code = tl.reshape(tl.where(negative, index | 8, index), (BM, BK // 2, 2))
+        low, high = tl.split(code)
+        pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
+        tl.store(codes_ptr + rows[:, None] * (KP // 2) + pairs[None, :], (low | (high << 4)).to(tl.uint8),
+                 mask=row_ok[:, None] & (pairs < KP // 2)[None, :])
+        scale_cols = (pid_k * NB + tl.arange(0, NB)).to(tl.int64)
+        tl.store(scales_ptr + rows[:, None] * (KP // 16) + scale_cols[None, :],
+                 tl.where(poisoned, 0x7F, scale_byte).to(tl.uint8),
+                 mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :])
+    if WRITE_VALUES:
+        factor = (scale * amax) * INV_2688  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
+        values = tl.where(negative, -magnitude, magnitude) * factor[:, :, None]
+        values = tl.reshape(tl.where(poisoned, float("nan"), values), (BM, BK))
+        cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+        store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
+                     OUT_BF16_BITS)
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
+                   SCALED_CODES: tl.constexpr, INV_2688: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr):
+    """Packed codes [M, KP/2] + scale bytes [M, KP/16] -> [M, K] values: TE's dequant, or e2m1 * s_b (GEMM operand)."""
+    NB: tl.constexpr = BK // 16
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    row_ok = rows < M
+    pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
+    packed = tl.load(codes_ptr + rows[:, None] * (KP // 2) + pairs[None, :],
+                     mask=row_ok[:, None] & (pairs < KP // 2)[None, :], other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 15, packed >> 4), (BM, NB, 16))  # element 2k from the low nibble
+    scale_cols = (pid_k * NB + tl.arange(0, NB)).to(tl.int64)
+    scale_bytes = tl.load(scales_ptr + rows[:, None] * (KP // 16) + scale_cols[None, :],
+                          mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :], other=0).to(tl.int32)
+    scale = e4m3_value(scale_bytes)  # [BM, NB]
+    if SCALED_CODES:
+        factor = scale
+    else:
+        factor = (scale * tl.load(amax_ptr)) * INV_2688
+    values = tl.reshape(e2m1_code_value(codes) * factor[:, :, None], (BM, BK))
+    cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
+                 OUT_BF16_BITS)
+
+
+@triton.jit
+def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexpr, BM: tl.constexpr,
+                BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    y = rht_tile(_load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK), BM, BK, SIGN_MASK)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    store_values(out_ptr + rows[:, None] * K + cols[None, :], y, (rows < M)[:, None] & (cols < K)[None, :], True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launchers. x2d is a 2-D view [M, K] of the input; K is the blocked (last) dim.
+# ---------------------------------------------------------------------------------------------------------------------
+def _storage_view(out: Tensor) -> Tensor:
+    """What a kernel writes into: bfloat16 outputs as int16 bit patterns (see ``rounding.store_values``)."""
+    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
+    """Program tile (BM, BK): BK a power of two in [16, 128] covering short rows; about 4096 elements per program."""
+    bk = min(128, triton.next_power_of_2(padded_cols))
+    bm = max(16, min(4096 // bk, 256, triton.next_power_of_2(rows)))
+    return bm, bk
+
+
+def global_amax(x2d: Tensor, rht: bool) -> Tensor:
+    """max |x| (of RHT(x) if ``rht``) as float32 [1]; +inf if x holds NaN or Inf (or the RHT overflows BF16)."""
+    m, k = x2d.shape
+    bm, bk = tile_shape(m, k)
+    amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, RHT=rht, SIGN_MASK=SIGN_MASK, BM=bm, BK=bk,
+                       **_LAUNCH)
+    return amax
+
+
+def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, write_codes: bool,
+                values_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One pass of SPEC 1.2 steps 2-9 over x2d [M, K] with the given global amax (float32 [1]).
+
+    Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the dequantized values
+    [M, K] in ``values_dtype`` if it is not None (None for what was not asked). ``seed`` (int64 [1]) turns on SR.
+    """
+    m, k = x2d.shape
+    kp = triton.cdiv(k, BLOCK) * BLOCK
+    bm, bk = tile_shape(m, kp)
+    device = x2d.device
+    codes = scales = values = None
+    if write_codes:
+        codes = torch.empty(m, kp // 2, dtype=torch.uint8, device=device)
+        scales = torch.empty(m, kp // BLOCK, dtype=torch.uint8, device=device)
+    if values_dtype is not None:
+        values = torch.empty(m, k, dtype=values_dtype, device=device)
+    placeholder = amax  # any tensor: pointers of outputs that are not written are never dereferenced
+    out = placeholder if values is None else _storage_view(values)
+    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    _quantize_kernel[grid](
+        x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, placeholder if seed is None else seed,
+        out, placeholder if codes is None else codes,
+        placeholder if scales is None else scales,
+        TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
+        WRITE_VALUES=values is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
+        E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
+        **_LAUNCH,
+    )
+    return codes, scales, values
+
+
+def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
+    """Packed codes [M, KP/2] + scale bytes [M, KP/16] (+ amax) -> [M, cols] in ``dtype``."""
+    m = codes.shape[0]
+    kp = codes.shape[1] * 2
+    bm, bk = tile_shape(m, kp)
+    out = torch.empty(m, cols, dtype=dtype, device=codes.device)
+    amax = amax.reshape(1).to(torch.float32)
+    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    _decode_kernel[grid](codes, scales, amax, _storage_view(out), m, cols, kp, SCALED_CODES=scaled_codes,
+                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **_LAUNCH)
+    return out
+
+
+def rht_2d(x2d: Tensor) -> Tensor:
+    """TE's RHT of each 16-chunk of the rows of a BF16 [M, K] view (K % 16 == 0) -> contiguous BF16 [M, K]."""
+    m, k = x2d.shape
+    bm, bk = tile_shape(m, k)
+    out = torch.empty(m, k, dtype=torch.bfloat16, device=x2d.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK, BM=bm,
+                      BK=bk, **_LAUNCH)
+    return out

@@ -1,0 +1,212 @@
+"""The kernel path's operations, with the same signatures and results as the reference functions they replace.
+
+Why a layer between ``quant.nvfp4`` / ``quant.mxfp4`` and the raw launchers:
+
+* Argument checks and error messages are the reference's own (``check_float_tensor``, the tile and scale-rule checks,
+  ``quant.rht``'s dtype/shape rule), so a bad call fails identically on CPU and GPU.
+* Each operation is a ``torch.library.custom_op`` (namespace ``fp4lab``) with a fake (meta) implementation, so
+  ``torch.compile`` treats a quantization as one opaque node instead of breaking the graph at a Triton launch, a
+  generator or the NaN check. In eager mode the Python function is called directly (the custom-op dispatcher costs
+  tens of microseconds per call).
+* Stochastic rounding takes its 64-bit Philox seed from the caller's ``torch.Generator`` (one draw per tensor, on the
+  device, no synchronisation); the same generator state gives the same codes.
+* The NaN/Inf check is asynchronous (``quant.kernels.checks``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quant import mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
+from quant.errors import check_float_tensor
+from quant.kernels import checks
+from quant.kernels import mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
+
+_SEED_HIGH = 1 << 62
+NAMESPACE = "fp4lab"
+
+
+def _custom_op(name: str, fn):
+    """Register ``fn`` as the functional custom op ``fp4lab::<name>`` (no inputs mutated or aliased)."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+
+
+def _sr_seed(x: Tensor, stochastic: bool, generator: torch.Generator | None) -> Tensor | None:
+    if not stochastic:
+        return None
+    return torch.randint(0, _SEED_HIGH, (1,), generator=generator, dtype=torch.int64, device=x.device)
+
+
+def _check_nvfp4(x: Tensor, tile: object, rht: bool, name: str | None) -> tuple[int, int]:
+    check_float_tensor(x, nvfp4_reference.FORMAT, name)
+    tile = nvfp4_reference._check_tile(tile, name)
+    if rht:  # the reference's RHT rules (BF16 only, then last dim % 16), raised with its messages
+        if x.dtype != torch.bfloat16:
+            rht_transform.apply(x[..., :0], name=name)
+        rht_transform._check_chunks(x, name)
+    return tile
+
+
+def _as_2d(x: Tensor) -> Tensor:
+    """[..., K] -> [M, K] (a view when possible; float64 is rounded to float32 once, as the reference does)."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    return x2d.to(torch.float32) if x2d.dtype == torch.float64 else x2d
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NVFP4
+# ---------------------------------------------------------------------------------------------------------------------
+def _nvfp4_amax(x2d: Tensor, rht: bool, name: str) -> Tensor:
+    amax = nvfp4_kernels.global_amax(x2d, rht)
+    stage = "after the RHT (BF16 overflow)" if rht else ""
+    checks.watch(amax, nvfp4_reference.FORMAT, name or None, stage)
+    return amax
+
+
+def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    x2d = _as_2d(x)
+    amax = _nvfp4_amax(x2d, rht, name)
+    codes, scales, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, None)
+    return codes, scales, amax.reshape(())
+
+
+_nvfp4_quantize_op = _custom_op("nvfp4_quantize", _nvfp4_quantize_eager)
+
+
+@_nvfp4_quantize_op.register_fake
+def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
+    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32))
+
+
+def _nvfp4_fake_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> Tensor:
+    x2d = _as_2d(x)
+    amax = _nvfp4_amax(x2d, rht, name)
+    _, _, values = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, False, x.dtype)
+    return values.view(x.shape)
+
+
+_nvfp4_fake_quantize_op = _custom_op("nvfp4_fake_quantize", _nvfp4_fake_quantize_eager)
+
+
+@_nvfp4_fake_quantize_op.register_fake
+def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _nvfp4_decode_eager(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype,
+                     scaled_codes: bool) -> Tensor:
+    return nvfp4_kernels.decode_2d(codes, scales, amax, cols, dtype, scaled_codes)
+
+
+_nvfp4_decode_op = _custom_op("nvfp4_decode", _nvfp4_decode_eager)
+
+
+@_nvfp4_decode_op.register_fake
+def _(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
+    return codes.new_empty(codes.shape[0], cols, dtype=dtype)
+
+
+def _call(op, eager, *args):
+    """The custom op while torch.compile traces (an opaque graph node), the plain function otherwise."""
+    return op(*args) if torch.compiler.is_compiling() else eager(*args)
+
+
+def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
+                   generator: torch.Generator | None = None, name: str | None = None) -> nvfp4_reference.NVFP4Tensor:
+    """``quant.nvfp4.quantize`` on the kernels: the same ``NVFP4Tensor`` bytes (SR: same distribution)."""
+    tile = _check_nvfp4(x, tile, rht, name)
+    seed = _sr_seed(x, stochastic, generator)
+    codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x, tile[0], rht, seed, name or "")
+    return nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype,
+                                       tile=tile, rht=rht, stochastic=stochastic)
+
+
+def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
+                        generator: torch.Generator | None = None, name: str | None = None) -> Tensor:
+    """``quant.nvfp4.fake_quantize`` in one pass after the amax reduction; output in x.dtype, x's shape."""
+    tile = _check_nvfp4(x, tile, rht, name)
+    seed = _sr_seed(x, stochastic, generator)
+    return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x, tile[0], rht, seed, name or "")
+
+
+def nvfp4_decode(q: nvfp4_reference.NVFP4Tensor, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
+    """[M, K] values of q in ``dtype``: TE's dequant formula, or the scaled codes e2m1 * s_b (GEMM operand)."""
+    return _call(_nvfp4_decode_op, _nvfp4_decode_eager, q.codes, q.scales, q.amax, q.cols, dtype, scaled_codes)
+
+
+def nvfp4_rht(x: Tensor) -> Tensor:
+    """``quant.rht.apply`` on the kernel (BF16 [..., K], K % 16 == 0): the RHT'ed tensor the quantizer sees."""
+    if x.dtype != torch.bfloat16:
+        rht_transform.apply(x[..., :0])  # raises the reference's dtype error
+    rht_transform._check_chunks(x, None)
+    return nvfp4_kernels.rht_2d(x.detach().reshape(-1, x.shape[-1])).view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MXFP4
+# ---------------------------------------------------------------------------------------------------------------------
+def _mxfp4_quantize_eager(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
+    x2d = _as_2d(x)
+    codes, scales, _, amax = mxfp4_kernels.quantize_2d(x2d, scale_rule, True, None)
+    checks.watch(amax, mxfp4_reference.FORMAT, name or None)
+    return codes, scales
+
+
+_mxfp4_quantize_op = _custom_op("mxfp4_quantize", _mxfp4_quantize_eager)
+
+
+@_mxfp4_quantize_op.register_fake
+def _(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
+    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // mxfp4_reference.BLOCK) * mxfp4_reference.BLOCK
+    return x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 32, dtype=torch.uint8)
+
+
+def _mxfp4_fake_quantize_eager(x: Tensor, scale_rule: str, name: str) -> Tensor:
+    _, _, values, amax = mxfp4_kernels.quantize_2d(_as_2d(x), scale_rule, False, x.dtype)
+    checks.watch(amax, mxfp4_reference.FORMAT, name or None)
+    return values.view(x.shape)
+
+
+_mxfp4_fake_quantize_op = _custom_op("mxfp4_fake_quantize", _mxfp4_fake_quantize_eager)
+
+
+@_mxfp4_fake_quantize_op.register_fake
+def _(x: Tensor, scale_rule: str, name: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _mxfp4_decode_eager(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
+    return mxfp4_kernels.decode_2d(codes, scales, cols, dtype)
+
+
+_mxfp4_decode_op = _custom_op("mxfp4_decode", _mxfp4_decode_eager)
+
+
+@_mxfp4_decode_op.register_fake
+def _(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
+    return codes.new_empty(codes.shape[0], cols, dtype=dtype)
+
+
+def mxfp4_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> mxfp4_reference.MXFP4Tensor:
+    """``quant.mxfp4.quantize`` on the kernel: the same ``MXFP4Tensor`` bytes."""
+    check_float_tensor(x, mxfp4_reference.FORMAT, name)
+    mxfp4_reference._check_scale_rule(scale_rule, name)
+    codes, scales = _call(_mxfp4_quantize_op, _mxfp4_quantize_eager, x, scale_rule, name or "")
+    return mxfp4_reference.MXFP4Tensor(codes=codes, scales=scales, shape=x.shape, dtype=x.dtype,
+                                       scale_rule=scale_rule)
+
+
+def mxfp4_fake_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> Tensor:
+    """``quant.mxfp4.fake_quantize`` in one pass (MX needs no global amax); output in x.dtype, x's shape."""
+    check_float_tensor(x, mxfp4_reference.FORMAT, name)
+    mxfp4_reference._check_scale_rule(scale_rule, name)
+    return _call(_mxfp4_fake_quantize_op, _mxfp4_fake_quantize_eager, x, scale_rule, name or "")
+
+
+def mxfp4_dequantize(q: mxfp4_reference.MXFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``quant.mxfp4.dequantize`` on the kernel."""
+    values = _call(_mxfp4_decode_op, _mxfp4_decode_eager, q.codes, q.scales, q.shape[-1], dtype)
+    return values.reshape(q.shape)

@@ -1,0 +1,507 @@
+"""quant.kernels (Triton) against the PyTorch reference and the SPEC vectors: bytes, not tolerances.
+
+Two runs of this file:
+* CPU: ``test_interpreter_suite`` starts a subprocess with ``TRITON_INTERPRET=1`` (the variable must be set before
+  Triton compiles anything, so it cannot share this process) that runs every ``test_interp_*`` case on small CPU
+  tensors through ``quant.kernels.ops``.
+* GPU (``-m gpu``, CUDA and Triton present): the same comparisons on large tensors through the public API
+  (``quant.nvfp4`` / ``quant.mxfp4`` dispatch CUDA tensors to the kernels), against the reference run on the CPU copy,
+  plus stochastic-rounding statistics and the torch.compile graph check. Run it with ``--noconftest`` where Hydra is
+  not installed (the shared conftest imports it).
+
+Also here: the ``--quick`` smoke runs of both benchmarks, so the bench scripts cannot rot.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant import mxfp4, nvfp4, rht
+from quant.errors import QuantError
+
+REPO = Path(__file__).resolve().parents[2]
+INTERPRETER_FLAG = "FP4LAB_TEST_TRITON_INTERPRETER"
+IN_INTERPRETER = os.environ.get(INTERPRETER_FLAG) == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_GPU_KERNELS = HAS_TRITON and torch.cuda.is_available() and not IN_INTERPRETER
+
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the Triton-interpreter subprocess "
+                                                        "(test_interpreter_suite)")
+
+
+def gpu_test(fn):
+    """``@pytest.mark.gpu``, skipped without CUDA and Triton (and inside the interpreter subprocess)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_GPU_KERNELS, reason="needs CUDA and Triton")(fn))
+
+
+def _kernel_ops():
+    from quant import kernels
+
+    return kernels.load()
+
+
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a float tensor (so -0.0 != 0.0 and NaN == NaN compare as bytes)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    actual, expected = actual.cpu(), expected.cpu()
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
+    same = _int_view(actual) == _int_view(expected) if actual.is_floating_point() else actual == expected
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:5]
+        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} differ, first at {bad.tolist()}: "
+                             f"{actual[tuple(bad.t())].tolist()} vs {expected[tuple(bad.t())].tolist()}")
+
+
+def assert_same_nvfp4(q: nvfp4.NVFP4Tensor, ref: nvfp4.NVFP4Tensor) -> None:
+    assert_same_bits(q.codes, ref.codes, "codes")
+    assert_same_bits(q.scales, ref.scales, "scale bytes")
+    assert_same_bits(q.amax.reshape(()), ref.amax.reshape(()), "amax")
+    assert (q.shape, q.dtype, q.tile, q.rht, q.stochastic) == (ref.shape, ref.dtype, ref.tile, ref.rht, ref.stochastic)
+
+
+def hard_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random data with the cases that break quantizers: an all-zero block, a tiny block (zero scale), a block whose
+    scale is an E4M3 subnormal, exact E2M1 midpoints, -0.0 and negative values that round to zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape[:-1] + (1,), generator=g))
+    flat = x.view(-1, shape[-1])
+    k = min(16, shape[-1])
+    if flat.shape[0] >= 4:
+        flat[0, :k] = 0.0
+        flat[1, :k] *= 1e-7
+        flat[2, :k] *= 1e-4
+        flat[3, :k] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.0, -1e-9, -0.75, 6.0, 4.5, -2.5, 0.3, 0.7,
+                                    1.0])[:k]
+    return x.to(dtype)
+
+
+NVFP4_CASES = [  # (shape, dtype): odd shapes, K < 16, K not a multiple of 16, several programs along K, 3-D
+    ((32, 64), torch.float32),
+    ((33, 40), torch.bfloat16),
+    ((5, 7, 48), torch.float16),
+    ((17, 19), torch.float64),
+    ((4, 8), torch.float32),
+    ((20, 304), torch.bfloat16),
+]
+
+
+def check_nvfp4(x: torch.Tensor, tile: tuple[int, int], rht_on: bool, kernel_ops) -> None:
+    """Kernel quantize / fake-quantize / dequantize / scaled codes == the reference on the CPU copy, byte for byte."""
+    xc = x.cpu()
+    ref = nvfp4.quantize(xc, tile=tile, rht=rht_on)
+    q = kernel_ops.nvfp4_quantize(x, tile=tile, rht=rht_on)
+    assert_same_nvfp4(q, ref)
+    assert_same_bits(kernel_ops.nvfp4_fake_quantize(x, tile=tile, rht=rht_on),
+                     nvfp4.fake_quantize(xc, tile=tile, rht=rht_on), "fake-quantized values")
+    out = torch.float32 if x.dtype == torch.float64 else x.dtype
+    assert_same_bits(kernel_ops.nvfp4_decode(q, out, scaled_codes=False).reshape(x.shape),
+                     nvfp4.dequantize(ref, dtype=out), "dequantized values")
+    assert_same_bits(kernel_ops.nvfp4_decode(q, torch.float32, scaled_codes=True),
+                     nvfp4.scaled_codes(ref, torch.float32), "scaled codes")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU: the Triton interpreter in a subprocess
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton; this is the parent run")
+def test_interpreter_suite():
+    env = {**os.environ, INTERPRETER_FLAG: "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "--noconftest", "-k", "test_interp_",
+               "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
+
+
+@interp
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+@pytest.mark.parametrize("shape,dtype", NVFP4_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v).removeprefix("torch."))
+def test_interp_nvfp4_matches_reference(shape, dtype, tile):
+    check_nvfp4(hard_tensor(shape, dtype, seed=len(shape) * 100 + shape[-1]), tile, False, _kernel_ops())
+
+
+@interp
+def test_interp_nvfp4_reads_strided_views():
+    kernel_ops = _kernel_ops()
+    base = hard_tensor((48, 32), torch.bfloat16, seed=3)
+    view = base.t()  # [32, 48], stride (1, 32): the wgrad operands are such views
+    assert not view.is_contiguous()
+    assert_same_nvfp4(kernel_ops.nvfp4_quantize(view), nvfp4.quantize(view.contiguous()))
+    check_nvfp4(view, (16, 16), False, kernel_ops)
+
+
+@interp
+def test_interp_all_zero_tensor():
+    q = _kernel_ops().nvfp4_quantize(torch.zeros(16, 32))
+    assert float(q.amax) == 0.0 and int(q.codes.max()) == 0 and int(q.scales.max()) == 0
+
+
+@interp
+def test_interp_spec_t1_t2_t3_bytes():
+    """Hand-computed SPEC vectors, independent of the reference implementation."""
+    kernel_ops = _kernel_ops()
+    t1 = torch.tensor([[0, 0.25, 0.3125, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -2.875, -5.125, 4.5,
+                        1.125]], dtype=torch.bfloat16)
+    q = kernel_ops.nvfp4_quantize(t1)
+    assert q.codes[0].tolist() == [0x00, 0x21, 0x42, 0x64, 0x76, 0xA8, 0xFD, 0x26]
+    assert q.scales.tolist() == [[0x7E]] and float(q.amax) == 6.0
+    dq = [0, 0, 0.5, 1, 1, 2, 2, 4, 4, 6, -0.0, -1, -3, -6, 4, 1]
+    assert kernel_ops.nvfp4_fake_quantize(t1).float()[0].tolist() == dq
+
+    t2 = torch.zeros(1, 128)
+    rows = [[6.25, 1, -3, 0.5], [6.375, 1, -3, 0.5], [6.75, 1, -3, 0.5], [7.5, 1, -3, 0.5],
+            [0.01, -0.004, 0, 0.0025], [0.005, -0.001, 0, 0], [0, 0, 0, 0], [2688, -100, 448, 1]]
+    for block, values in enumerate(rows):
+        t2[0, 16 * block: 16 * block + 4] = torch.tensor(values)
+    q = kernel_ops.nvfp4_quantize(t2)
+    assert q.scales[0].tolist() == [0x38, 0x38, 0x39, 0x3A, 0x01, 0x00, 0x00, 0x7E]
+    assert q.codes[0, :2].tolist() == [0x27, 0x1D]
+    fq = kernel_ops.nvfp4_fake_quantize(t2)[0]
+    assert fq[32:36].tolist() == [6.75, 1.125, -3.375, 0.5625]
+    assert fq[64:68].tolist() == [0.01171875, -0.00390625, 0, 0.0029296875]
+    assert fq[80:84].tolist() == [0, 0, 0, 0]
+
+    t3 = torch.zeros(1, 32)
+    t3[0, :4] = torch.tensor([2.15625, -1.0, 0.5, 1.5])
+    t3[0, 16:18] = torch.tensor([2.875, 0.1])
+    q = kernel_ops.nvfp4_quantize(t3)
+    assert q.scales[0].tolist() == [0x7B, 0x7E]  # 352, not torchao's 320: the block scale is rounded once
+    assert q.codes[0, :2].tolist() == [0xD7, 0x63]  # codes [7, D, 3, 6]
+
+
+@interp
+def test_interp_spec_t4_2d_tiles():
+    w = torch.zeros(16, 16)
+    w[0, 0], w[1, 0], w[1, 1] = 6.0, 0.75, -0.5
+    kernel_ops = _kernel_ops()
+    two_d = kernel_ops.nvfp4_fake_quantize(w, tile=(16, 16))
+    assert two_d[1, :2].tolist() == [1.0, -0.5]
+    assert kernel_ops.nvfp4_quantize(w, tile=(16, 16)).scales[:, 0].tolist() == [0x7E] * 16
+    one_d = kernel_ops.nvfp4_quantize(w, tile=(1, 16))
+    assert one_d.scales[:2, 0].tolist() == [0x7E, 0x66] and one_d.scales[2:].max() == 0
+    assert kernel_ops.nvfp4_fake_quantize(w)[1, :2].tolist() == [0.75, -0.5]
+    x = hard_tensor((48, 80), torch.float32, seed=7)  # columnwise codes are the transpose of rowwise with 2D tiles
+    rowwise = kernel_ops.nvfp4_fake_quantize(x, tile=(16, 16))
+    columnwise = kernel_ops.nvfp4_fake_quantize(x.t(), tile=(16, 16))
+    assert_same_bits(columnwise.t(), rowwise, "2D tiles, columnwise vs rowwise")
+
+
+@interp
+def test_interp_spec_t5_rht():
+    kernel_ops = _kernel_ops()
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    x[0, 0], x[0, 1], x[0, 5] = 8.0, 1.0, -2.0
+    assert kernel_ops.nvfp4_rht(x).float()[0].tolist() == [2.75, 1.25, 2.75, 1.25, 1.75, 2.25, 1.75, 2.25] * 2
+    q = kernel_ops.nvfp4_quantize(x, rht=True)
+    assert float(q.amax) == 2.75
+    codes = nvfp4.unpack_codes(q)[0].tolist()
+    assert codes == [7, 5, 7, 5, 6, 6, 6, 6] * 2
+    spec_dq = torch.tensor([2.75, 1.375, 2.75, 1.375, 1.8333334, 1.8333334])  # float32, rounded once to bf16 below
+    assert kernel_ops.nvfp4_fake_quantize(x, rht=True)[0, :6].tolist() == spec_dq.bfloat16().tolist()
+    assert nvfp4.unpack_codes(kernel_ops.nvfp4_quantize(x))[0, :6].tolist() == [7, 2, 0, 0, 0, 0xB]
+
+
+@interp
+@pytest.mark.parametrize("shape", [(48, 64), (7, 32), (3, 5, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_interp_rht_matches_reference(shape):
+    kernel_ops = _kernel_ops()
+    x = hard_tensor(shape, torch.bfloat16, seed=shape[0])
+    assert_same_bits(kernel_ops.nvfp4_rht(x), rht.apply(x), "RHT output")
+    check_nvfp4(x, (1, 16), True, kernel_ops)
+
+
+@interp
+def test_interp_sr_probability_t6_and_seeding():
+    """T6: y = 2.3 between 2 and 3 rounds up with probability 76/256; the generator state fixes the codes."""
+    x = torch.full((64, 256), 2.3)
+    x[:, ::16] = 6.0  # every block max 6 and global amax 6: the encode factor is exactly 1
+    g = torch.Generator().manual_seed(11)
+    kernel_ops = _kernel_ops()
+    q = kernel_ops.nvfp4_quantize(x, stochastic=True, generator=g)
+    values = nvfp4.dequantize(q)[:, torch.arange(256) % 16 != 0]
+    assert bool(((values == 2) | (values == 3)).all())
+    p, n = 76 / 256, values.numel()
+    assert abs(float((values == 3).float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert_same_bits(q.scales, nvfp4.quantize(x).scales, "SR keeps the RN scales")
+    again = kernel_ops.nvfp4_quantize(x, stochastic=True, generator=torch.Generator().manual_seed(11))
+    assert_same_bits(again.codes, q.codes, "same seed, same codes")
+    other = kernel_ops.nvfp4_quantize(x, stochastic=True, generator=g)
+    assert not torch.equal(other.codes, q.codes)
+
+
+@interp
+def test_interp_sr_mean_beats_round_to_nearest():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 64, generator=g)
+    kernel_ops = _kernel_ops()
+    sr_mean = torch.stack([kernel_ops.nvfp4_fake_quantize(x, stochastic=True, generator=g) for _ in range(24)]).mean(0)
+    rn = kernel_ops.nvfp4_fake_quantize(x)
+    assert float((sr_mean - x).pow(2).mean()) < float((rn - x).pow(2).mean())
+
+
+MXFP4_CASES = [
+    ((8, 64), torch.float32), ((9, 70), torch.bfloat16), ((3, 5, 40), torch.float16), ((6, 20), torch.float64),
+]
+
+
+@interp
+@pytest.mark.parametrize("scale_rule", ["floor", "rceil"])
+@pytest.mark.parametrize("shape,dtype", MXFP4_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v).removeprefix("torch."))
+def test_interp_mxfp4_matches_reference(shape, dtype, scale_rule):
+    check_mxfp4(hard_tensor(shape, dtype, seed=shape[-1]), scale_rule, _kernel_ops())
+
+
+def check_mxfp4(x: torch.Tensor, scale_rule: str, kernel_ops) -> None:
+    xc = x.cpu()
+    ref = mxfp4.quantize(xc, scale_rule)
+    q = kernel_ops.mxfp4_quantize(x, scale_rule)
+    assert_same_bits(q.codes, ref.codes, "MXFP4 codes")
+    assert_same_bits(q.scales, ref.scales, "E8M0 bytes")
+    assert_same_bits(kernel_ops.mxfp4_fake_quantize(x, scale_rule), mxfp4.fake_quantize(xc, scale_rule), "MX values")
+    assert_same_bits(kernel_ops.mxfp4_dequantize(q, torch.float32), mxfp4.dequantize(ref), "MX dequantized")
+
+
+@interp
+def test_interp_mxfp4_t7_and_float32_subnormal_blocks():
+    kernel_ops = _kernel_ops()
+    x = torch.zeros(4, 32)
+    x[0, :4] = torch.tensor([5.0, -1.3, 0.2, 2.6])
+    x[1, :4] = torch.tensor([7.0, 3.3, -0.9, 0.1])
+    x[2, :4] = torch.tensor([0.3, -0.07, 0.15, 0.01])
+    x[3, :4] = torch.tensor([3e-39, -1e-40, 1e-45, 0.0])  # float32 subnormal block max
+    q = kernel_ops.mxfp4_quantize(x, "floor")
+    assert q.scales[:3, 0].tolist() == [0x7F, 0x7F, 0x7B]
+    assert kernel_ops.mxfp4_fake_quantize(x, "floor")[1, :4].tolist() == [6, 3, -1, 0]
+    assert kernel_ops.mxfp4_fake_quantize(x, "rceil")[1, :4].tolist() == [8, 3, -1, 0]
+    for rule in ("floor", "rceil"):
+        check_mxfp4(x, rule, kernel_ops)
+
+
+@interp
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_interp_non_finite_input_raises_naming_the_tensor(bad):
+    kernel_ops = _kernel_ops()
+    x = torch.randn(4, 32)
+    x[1, 3] = bad
+    for call in (lambda: kernel_ops.nvfp4_quantize(x, name="fc1 input"),
+                 lambda: kernel_ops.nvfp4_fake_quantize(x, name="fc1 input"),
+                 lambda: kernel_ops.mxfp4_fake_quantize(x, name="fc1 input")):
+        with pytest.raises(QuantError, match="'fc1 input'.*NaN or Inf"):
+            call()
+
+
+@interp
+def test_interp_poisoned_tensor_decodes_to_nan():
+    """Behind the check: a non-finite amax yields NaN scale bytes and values, never plausible numbers."""
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    x = torch.randn(16, 32)
+    x[2, 2] = float("nan")
+    amax = nvfp4_kernels.global_amax(x, rht=False)
+    assert float(amax) == float("inf")
+    codes, scales, values = nvfp4_kernels.quantize_2d(x, amax, 1, False, None, True, torch.float32)
+    assert int(scales.min()) == 0x7F and bool(values.isnan().all())
+
+
+@interp
+def test_interp_errors_are_the_reference_errors():
+    kernel_ops = _kernel_ops()
+    cases = [
+        (lambda f: f(torch.randn(4, 32), tile=(8, 8)), "tile"),
+        (lambda f: f(torch.randn(4, 32), rht=True), "bfloat16"),
+        (lambda f: f(torch.randn(4, 20).bfloat16(), rht=True), "multiple of 16"),
+        (lambda f: f(torch.ones(4, 32, dtype=torch.int32)), "dtype"),
+    ]
+    for call, word in cases:
+        for function in (nvfp4.quantize, kernel_ops.nvfp4_quantize):
+            with pytest.raises(QuantError, match=word):
+                call(function)
+    with pytest.raises(QuantError, match="scale_rule"):
+        kernel_ops.mxfp4_quantize(torch.randn(4, 32), "ceil")
+
+
+@interp
+def test_interp_custom_ops_pass_opcheck():
+    """The torch.library registrations (fake shapes, schema) that let torch.compile see one node per quantization."""
+    kernel_ops = _kernel_ops()
+    x = hard_tensor((16, 48), torch.bfloat16, seed=1)
+    seed = torch.tensor([3], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize.default, (x, 16, False, None, "w"))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_fake_quantize.default, (x, 1, True, seed, "dy"))
+    q = kernel_ops.nvfp4_quantize(x)
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_decode.default, (q.codes, q.scales, q.amax, 48, torch.bfloat16, False))
+    torch.library.opcheck(torch.ops.fp4lab.mxfp4_fake_quantize.default, (x, "rceil", "x"))
+
+
+@interp
+def test_interp_compiled_caller_has_no_graph_break():
+    kernel_ops = _kernel_ops()
+
+    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return kernel_ops.nvfp4_fake_quantize(x) @ kernel_ops.nvfp4_fake_quantize(w, tile=(16, 16)).t()
+
+    x, w = torch.randn(16, 32), torch.randn(32, 32)
+    explanation = torch._dynamo.explain(step)(x, w)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    assert_same_bits(compiled(x, w), step(x, w), "compiled vs eager")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: the kernels behind the public API, on large tensors
+# ---------------------------------------------------------------------------------------------------------------------
+GPU_SHAPES = [(128, 128), (304, 304), (256, 272), (77, 100), (2048, 1040), (4096, 4096), (8, 128, 512), (1, 16)]
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_gpu_nvfp4_matches_cpu_reference(shape, dtype, tile):
+    x = hard_tensor(shape, dtype, seed=shape[-1]).cuda()
+    check_nvfp4(x, tile, False, _PublicNVFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (96, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_rht_matches_cpu_reference(shape):
+    """Chunks of BF16 values k * 2^-8 with |k| < 2^11 have exact FP32 sums, so every summation order gives the same
+    bits; random normal data may differ from the CPU matmul in the last FP32 bit of inexact sums, so there the RHT
+    output is compared to the float64 transform and the quantization is checked on the kernel's own RHT output."""
+    g = torch.Generator().manual_seed(shape[0])
+    exact = (torch.randint(-2047, 2048, shape, generator=g).float() * 2.0**-8).bfloat16()
+    check_nvfp4(exact.cuda(), (1, 16), True, _PublicNVFP4)
+    x = hard_tensor(shape, torch.bfloat16, seed=2).cuda()
+    kernel_rht = _kernel_ops().nvfp4_rht(x).cpu()
+    exact_sum = (x.cpu().double().reshape(-1, 16) @ rht.rht_matrix(torch.float64)).reshape(shape)
+    off_by_more_than_rounding = (kernel_rht.double() - exact_sum).abs() > exact_sum.abs() * 2.0**-8 + 1e-30
+    assert not bool(off_by_more_than_rounding.any())
+    assert float((kernel_rht != rht.apply(x.cpu())).float().mean()) < 1e-4
+    q = nvfp4.quantize(x, rht=True)
+    ref = nvfp4.quantize(kernel_rht)  # the reference quantizer applied to the kernel's RHT output
+    for actual, expected, what in ((q.codes, ref.codes, "codes"), (q.scales, ref.scales, "scale bytes"),
+                                   (q.amax, ref.amax, "post-RHT amax")):
+        assert_same_bits(actual, expected, what)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gpu_float32_subnormals_and_tiny_blocks(dtype):
+    x = hard_tensor((256, 512), torch.float32, seed=9)
+    x[10:20] *= 1e-38  # float32 subnormal products x * e and subnormal inputs
+    x[30, :16] = torch.tensor([1e-45, -1e-45] * 8)
+    check_nvfp4(x.to(dtype).cuda(), (1, 16), False, _PublicNVFP4)
+    for rule in ("floor", "rceil"):
+        check_mxfp4(x.to(dtype).cuda(), rule, _PublicMXFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("scale_rule", ["floor", "rceil"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(4096, 4096), (77, 100), (8, 128, 544)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_mxfp4_matches_cpu_reference(shape, dtype, scale_rule):
+    check_mxfp4(hard_tensor(shape, dtype, seed=4).cuda(), scale_rule, _PublicMXFP4)
+
+
+@gpu_test
+def test_gpu_sr_statistics_t6_and_mean_beats_rn():
+    x = torch.full((1024, 1024), 2.3, device="cuda")
+    x[:, ::16] = 6.0
+    g = torch.Generator(device="cuda").manual_seed(0)
+    values = nvfp4.dequantize(nvfp4.quantize(x, stochastic=True, generator=g))[:, torch.arange(1024) % 16 != 0]
+    p, n = 76 / 256, values.numel()
+    assert bool(((values == 2) | (values == 3)).all())
+    assert abs(float((values == 3).float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
+    y = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    for use_rht in (False, True):
+        sr = torch.stack([nvfp4.fake_quantize(y, rht=use_rht, stochastic=True, generator=g).float()
+                          for _ in range(50)]).mean(0)
+        rn = nvfp4.fake_quantize(y, rht=use_rht).float()
+        target = rht.apply(y).float() if use_rht else y.float()
+        assert float((sr - target).pow(2).mean()) < float((rn - target).pow(2).mean())
+
+
+@gpu_test
+def test_gpu_non_finite_raises_asynchronously():
+    from quant.kernels import checks
+
+    x = torch.randn(256, 256, device="cuda")
+    x[7, 7] = float("nan")
+    with pytest.raises(QuantError, match="'layer.x'.*NaN or Inf"):
+        nvfp4.quantize(x, name="layer.x")
+        checks.raise_pending(wait=True)
+    nvfp4.quantize(torch.randn(16, 16, device="cuda"))
+    checks.raise_pending(wait=True)  # the queue was cleared with the error
+
+
+@gpu_test
+def test_gpu_dispatch_uses_kernels_and_reference_agrees_on_gpu():
+    from quant import kernels
+
+    x = hard_tensor((512, 1024), torch.bfloat16, seed=1).cuda()
+    assert kernels.enabled_for(x)
+    with kernels.disabled():
+        assert not kernels.enabled_for(x)
+        ref_gpu = nvfp4.quantize(x, tile=(16, 16))
+    assert_same_nvfp4(nvfp4.quantize(x, tile=(16, 16)), ref_gpu)
+
+
+@gpu_test
+def test_gpu_compiled_quantized_linear_has_no_graph_break():
+    import quant
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    quant.apply(model, quant.Policy(format="nvfp4"))
+    x = torch.randn(4, 128, 256, device="cuda")
+
+    def step(inp):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(inp).float().pow(2).mean()
+
+    explanation = torch._dynamo.explain(step)(x)
+    assert explanation.graph_break_count == 0, [str(r) for r in explanation.break_reasons]
+
+
+class _PublicNVFP4:
+    """The public API with the names ``check_nvfp4`` expects (CUDA tensors dispatch to the kernels)."""
+
+    nvfp4_quantize = staticmethod(nvfp4.quantize)
+    nvfp4_fake_quantize = staticmethod(nvfp4.fake_quantize)
+
+    @staticmethod
+    def nvfp4_decode(q, dtype, scaled_codes):
+        return nvfp4.scaled_codes(q, dtype) if scaled_codes else nvfp4.dequantize(q, dtype=dtype)
+
+
+class _PublicMXFP4:
+    mxfp4_quantize = staticmethod(mxfp4.quantize)
+    mxfp4_fake_quantize = staticmethod(mxfp4.fake_quantize)
+    mxfp4_dequantize = staticmethod(lambda q, dtype: mxfp4.dequantize(q, dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmark smoke runs (CPU, tiny sizes): the scripts must keep working
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
+@pytest.mark.parametrize("script", ["kernel_throughput", "train_step"])
+def test_bench_quick_smoke(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["rows"], result
