@@ -101,6 +101,14 @@ def test_llm_shapes_config_and_high_precision_names():
     assert untied.decoder.lm_head.weight is not untied.decoder.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("cfg, info", [(UNetConfig(), SEG), (ResNetConfig(), CLS_RGB), (LLMConfig(), LM)],
+                         ids=["unet", "resnet", "llm"])
+def test_schema_defaults_build_and_run(cfg, info):
+    model = models.build_model(cfg, info)
+    first = _outputs(model(_inputs(info)))[0]
+    assert first.shape[0] == 2 and torch.isfinite(first).all()
+
+
 def test_llm_default_dims_are_nvfp4_friendly():
     cfg = LLMConfig()
     assert cfg.d_model % 64 == 0 and cfg.intermediate_size % 64 == 0
