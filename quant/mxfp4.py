@@ -12,6 +12,7 @@ Scale rules (choose one explicitly; they differ in whether the block max can cli
 Both exponents are computed exactly from the float32 exponent bits (no log2 rounding), and clamped to [-127, 127].
 An all-zero block gets X = 2^-127 (byte 0x00). Elements: y = x * 2^-e (exact), then E2M1 RNE with saturation
 (quant.numerics). Dequantize: e2m1 * 2^e in float32, then the output dtype.
+CUDA tensors go to the Triton kernels of `quant.kernels` when Triton is installed (same bytes, one pass).
 
 Layout: like NVFP4, the input is viewed as [-1, K] and blocked along K (zero-padded to a multiple of 32); codes are
 packed two per byte with element 2k in the low nibble; `scales` holds the raw E8M0 bytes [M, ceil(K/32)].
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant import numerics
+from quant import kernels, numerics
 from quant.errors import QuantError, check_finite, check_float_tensor, describe
 
 FORMAT = "MXFP4"
@@ -80,6 +81,8 @@ def _quantize_unpacked(x: Tensor, scale_rule: str, name: str | None) -> tuple[Te
 
 def quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> MXFP4Tensor:
     """MXFP4-quantize x (viewed as [-1, x.shape[-1]]) in 1x32 blocks along the last dim."""
+    if kernels.enabled_for(x):
+        return kernels.load().mxfp4_quantize(x, scale_rule, name)
     codes, scales = _quantize_unpacked(x, scale_rule, name)
     return MXFP4Tensor(
         codes=numerics.pack_nibbles(codes), scales=scales, shape=x.shape, dtype=x.dtype, scale_rule=scale_rule
@@ -101,10 +104,14 @@ def _decode(codes: Tensor, scales: Tensor, shape: torch.Size, dtype: torch.dtype
 
 def dequantize(q: MXFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """e2m1(code) * 2^(scale - 127) in float32, reshaped to q.shape and cast to `dtype`."""
+    if kernels.enabled_for(q.codes):
+        return kernels.load().mxfp4_dequantize(q, dtype)
     return _decode(unpack_codes(q, padded=True), q.scales, q.shape, dtype)
 
 
 def fake_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> Tensor:
     """dequantize(quantize(x, ...)) in x.dtype, without the packing round trip. Not differentiable (no autograd)."""
+    if kernels.enabled_for(x):
+        return kernels.load().mxfp4_fake_quantize(x, scale_rule, name)
     codes, scales = _quantize_unpacked(x, scale_rule, name)
     return _decode(codes, scales, x.shape, x.dtype)

@@ -25,6 +25,9 @@ RHT (`rht=True`) transforms each 16-chunk of the last dim before quantizing (qua
 values in the rotated basis, which is what the wgrad GEMM consumes (pass `undo_rht=True` to rotate back for analysis).
 Stochastic rounding draws 8 random bits per element from `generator`, so CPU runs are reproducible given a seed;
 TE's Philox stream cannot be reproduced, only its distribution (SPEC 1.7, T6).
+
+Dispatch: CUDA tensors go to the fused Triton kernels of `quant.kernels` when Triton is installed (same bytes; SR from a
+Philox stream seeded by `generator`; NaN/Inf raise asynchronously), everything else to the PyTorch code below.
 """
 
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant import numerics, rht as rht_transform
+from quant import kernels, numerics, rht as rht_transform
 from quant.errors import QuantError, check_finite, check_float_tensor, describe
 
 FORMAT = "NVFP4"
@@ -161,6 +164,8 @@ def quantize(
     along the last dim first (bfloat16 input, last dim % 16 == 0). stochastic: SR with 8 bits/element from
     `generator`. name: how errors refer to the tensor (e.g. "layer3.conv1 weight").
     """
+    if kernels.enabled_for(x):
+        return kernels.load().nvfp4_quantize(x, tile, rht, stochastic, generator, name)
     tile = _check_tile(tile, name)
     codes, scale_bytes, amax = _quantize_unpacked(x, tile, rht, stochastic, generator, name)
     return NVFP4Tensor(
@@ -192,6 +197,9 @@ def _restore(values: Tensor, shape: torch.Size, dtype: torch.dtype, rotated: boo
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32, undo_rht: bool = False) -> Tensor:
     """Decode to q.shape in `dtype` with TE's dequant formula (in the RHT basis if q.rht, unless undo_rht)."""
+    if kernels.enabled_for(q.codes):
+        values = kernels.load().nvfp4_decode(q, torch.float32 if q.rht and undo_rht else dtype, scaled_codes=False)
+        return _restore(values, q.shape, dtype, q.rht, undo_rht)
     return _restore(_decode(unpack_codes(q, padded=True), q.scales, q.amax), q.shape, dtype, q.rht, undo_rht)
 
 
@@ -204,6 +212,8 @@ def fake_quantize(
     name: str | None = None,
 ) -> Tensor:
     """dequantize(quantize(x, ...)) in x.dtype, without the packing round trip. Not differentiable (no autograd)."""
+    if kernels.enabled_for(x):
+        return kernels.load().nvfp4_fake_quantize(x, tile, rht, stochastic, generator, name)
     codes, scale_bytes, amax = _quantize_unpacked(x, _check_tile(tile, name), rht, stochastic, generator, name)
     return _restore(_decode(codes, scale_bytes, amax), x.shape, x.dtype, rotated=rht, undo_rht=False)
 
@@ -231,6 +241,8 @@ def scaled_codes(q: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     float32; a GEMM of two such operands with FP32 accumulation, times `gemm_alpha`, is TE's NVFP4 GEMM up to the
     FP32 summation order. In the RHT basis if q.rht (as TE's wgrad operands).
     """
+    if kernels.enabled_for(q.codes):
+        return kernels.load().nvfp4_decode(q, dtype, scaled_codes=True)
     values = numerics.e2m1_values(unpack_codes(q, padded=True)).view(q.rows, -1, BLOCK)  # [M, Kp/16, 16]
     products = (values * scale_values(q)[..., None]).view(q.rows, -1)[:, : q.cols]
     return products.to(dtype)

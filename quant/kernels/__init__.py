@@ -51,9 +51,9 @@ def load():
     return _ops
 
 
-def enabled_for(x: Tensor) -> bool:
+def enabled_for(x: object) -> bool:
     """True if ``x`` should go to the kernels: a CUDA tensor, Triton importable, kernels not disabled."""
-    if _disabled or not x.is_cuda or unavailable_reason() is not None:
+    if _disabled or not isinstance(x, Tensor) or not x.is_cuda or unavailable_reason() is not None:
         return False
     try:
         load()

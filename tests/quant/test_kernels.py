@@ -333,6 +333,32 @@ def test_interp_errors_are_the_reference_errors():
 
 
 @interp
+def test_interp_public_api_dispatch(monkeypatch):
+    """The dispatch glue of quant.nvfp4 / quant.mxfp4 (CUDA tensors -> kernels), exercised on CPU tensors by letting
+    the interpreter play the GPU: every public function returns the reference's bytes."""
+    from quant import kernels
+
+    x = hard_tensor((32, 48), torch.bfloat16, seed=8)
+    expected = {
+        "q": nvfp4.quantize(x, tile=(16, 16)), "fq": nvfp4.fake_quantize(x, rht=True),
+        "mx": mxfp4.quantize(x, "rceil"), "mxf": mxfp4.fake_quantize(x),
+    }
+    expected["dq_rot"] = nvfp4.dequantize(nvfp4.quantize(x, rht=True), torch.bfloat16, undo_rht=True)
+    monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
+    q = nvfp4.quantize(x, tile=(16, 16))
+    assert_same_nvfp4(q, expected["q"])
+    assert_same_bits(nvfp4.dequantize(q, torch.bfloat16), nvfp4.dequantize(expected["q"], torch.bfloat16), "dequant")
+    assert_same_bits(nvfp4.scaled_codes(q), nvfp4.scaled_codes(expected["q"]), "scaled codes")
+    assert_same_bits(nvfp4.fake_quantize(x, rht=True), expected["fq"], "fake quant with RHT")
+    rotated = nvfp4.dequantize(nvfp4.quantize(x, rht=True), torch.bfloat16, undo_rht=True)
+    assert_same_bits(rotated, expected["dq_rot"], "dequantize(undo_rht=True)")
+    mx = mxfp4.quantize(x, "rceil")
+    assert_same_bits(mx.codes, expected["mx"].codes, "MX codes")
+    assert_same_bits(mxfp4.dequantize(mx, torch.float16), mxfp4.dequantize(expected["mx"], torch.float16), "MX dq")
+    assert_same_bits(mxfp4.fake_quantize(x), expected["mxf"], "MX fake quant")
+
+
+@interp
 def test_interp_custom_ops_pass_opcheck():
     """The torch.library registrations (fake shapes, schema) that let torch.compile see one node per quantization."""
     kernel_ops = _kernel_ops()
