@@ -225,7 +225,7 @@ class _QuantLinearFunction(torch.autograd.Function):
                 saved_x, saved_w = x2, weight.to(dtype)
         ctx.save_for_backward(saved_x, saved_w)
         ctx.q, ctx.dtype, ctx.x_shape, ctx.has_bias = q, dtype, x.shape, bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y  # [M, N]; reshaped outside: a view created inside a Function could not be modified in place
 
     @staticmethod
     @once_differentiable
@@ -254,7 +254,8 @@ class _QuantLinearFunction(torch.autograd.Function):
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer) -> Tensor:
     """``F.linear(x, weight, bias)`` with the three GEMMs quantized by ``q``: x [..., K], weight [N, K] -> [..., N]."""
-    return _QuantLinearFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight))
+    y = _QuantLinearFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight))  # [M, N]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

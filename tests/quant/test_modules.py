@@ -77,6 +77,18 @@ def test_direct_construction_and_shape_errors_name_the_layer():
         QuantLinear.from_module(nn.MultiheadAttention(16, 2).out_proj, quantizer)
 
 
+def test_outputs_can_be_modified_in_place():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 16), nn.ReLU(inplace=True))
+    conv = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(inplace=True))
+    quant.apply(model, Policy(format="nvfp4"))
+    quant.apply(conv, Policy(format="nvfp4"))
+    x = torch.randn(2, 8, 32, requires_grad=True)  # 3-D input: the linear's output is reshaped
+    with torch.autocast("cpu", dtype=BF16):
+        model(x).sum().backward()
+        conv(torch.randn(1, 16, 4, 4)).sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def _rn_quantizer(name: str = "layer"):
     return Policy(format="nvfp4", recipe=Recipe(disable_stochastic_rounding=True)).quantizer(name, 0)
 
