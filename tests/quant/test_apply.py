@@ -200,3 +200,29 @@ def test_weight_only_report_marks_unquantized_roles():
         "layers.0.fc1"
     )
     assert row.grad == "-" and row.input == "nvfp4 1x16 RN"  # no wgrad RHT without a quantized backward
+
+
+@pytest.mark.parametrize("family, kept, blocks", [
+    ("unet", {"stem.conv", "semantic_head", "instance_head.class_head"}, ("downs.0", "ups.0")),
+    ("resnet", {"conv1", "fc"}, tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))),
+    ("llm", {"decoder.lm_head"}, ("decoder.model.layers.0",)),
+])
+def test_real_model_families_keep_their_declared_layers(cfg_factory, tmp_path, family, kept, blocks):
+    import data
+    import models
+    from tests.tiny import FAMILIES
+    from trainers.app import validate
+
+    typed = validate(cfg_factory(*FAMILIES[family]))
+    info = data.build_datamodule(typed.data, cache_dir=tmp_path, seed=0).info
+    model = models.build_model(typed.model, info)
+    report = quant.apply(model, Policy(format="nvfp4"))
+    gemm_rows = [r for r in report.rows if r.type in ("Linear", "Conv2d", "ConvTranspose2d")]
+    assert {r.name for r in gemm_rows if not r.quantized} == kept
+    assert all("high_precision_modules" in report.row(name).reason for name in kept)
+    assert report.num_quantized == len(gemm_rows) - len(kept) > 0
+    assert report.blocks == blocks
+    norms = [r for r in report.rows if r.type in ("GroupNorm", "LayerNorm", "BatchNorm2d", "LlamaRMSNorm")]
+    assert norms and not any(r.quantized for r in norms)
+    if family == "llm":
+        assert report.row("decoder.model.embed_tokens").reason == "not a GEMM layer (Embedding): stays high precision"
