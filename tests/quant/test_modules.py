@@ -89,6 +89,22 @@ def test_outputs_can_be_modified_in_place():
     assert x.grad.shape == x.shape
 
 
+def test_non_finite_values_name_the_layer_and_operand():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    quant.apply(model, Policy(format="nvfp4"))
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    with pytest.raises(QuantError, match="'0 input' contains 1 NaN and 0 Inf values"):
+        with torch.autocast("cpu", dtype=BF16):
+            model(x)
+    with torch.autocast("cpu", dtype=BF16):
+        y = model(torch.randn(4, 32))
+    dy = torch.zeros(4, 16)
+    dy[0, 0] = float("inf")
+    with pytest.raises(QuantError, match="'2 output gradient \\(dgrad\\)' contains 0 NaN and 1 Inf values"):
+        y.backward(dy.to(BF16))
+
+
 def _rn_quantizer(name: str = "layer"):
     return Policy(format="nvfp4", recipe=Recipe(disable_stochastic_rounding=True)).quantizer(name, 0)
 
