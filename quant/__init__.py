@@ -2,9 +2,11 @@
 
 Imports torch only (no Hydra, no Lightning). The path of a tensor through it:
 ``Policy`` -> ``apply(model, policy)`` -> ``QuantLinear`` / ``QuantConv2d`` / ``QuantConvTranspose2d`` -> the
-autograd functions of ``quant.functional`` -> the format modules (``nvfp4``, ...) and the GEMM of ``quant.gemm``.
+autograd functions of ``quant.functional`` -> the format modules (``nvfp4``, ``mxfp4``, ``nf4``, ``int4``, ``fp8``;
+registry ``quant.formats``) and the GEMM of ``quant.gemm``. ``docs/qat.md`` describes the layers and policies,
+``docs/formats.md`` the formats.
 """
-from quant import nvfp4
+from quant import formats, fp8, int4, layer_formats, mxfp4, nf4, numerics, nvfp4, rht
 from quant.apply import LayerDecision, QuantReport, apply, find_blocks
 from quant.errors import QuantError
 from quant.functional import LayerQuantizer, quant_conv2d, quant_conv_transpose2d, quant_linear
@@ -31,11 +33,19 @@ __all__ = [
     "Recipe",
     "apply",
     "find_blocks",
+    "formats",
+    "fp8",
+    "int4",
+    "layer_formats",
     "load_sr_states",
+    "mxfp4",
+    "nf4",
+    "numerics",
     "nvfp4",
     "quant_conv2d",
     "quant_conv_transpose2d",
     "quant_linear",
     "quantized_modules",
+    "rht",
     "sr_states",
 ]

@@ -68,6 +68,7 @@ class LayerFormat:
     roles: ClassVar[tuple[str, ...]] = ROLES  # roles this format can quantize
     default_roles: ClassVar[tuple[str, ...]] = ROLES
     backward_modes: ClassVar[tuple[str, ...]] = ("full", "dequantized", "high_precision")
+    default_backward: ClassVar[str] = "full"  # TE's default for NVFP4 and FP8; straight-through for the others
     nvfp4_recipe_switches: ClassVar[bool] = False  # honours Recipe's RHT / SR / 2D switches (NVFP4 only)
     # slots whose blocked (last) dim must be a multiple of ``block``; wgrad slots are blocked along padded tokens
     blocked_slots: ClassVar[tuple[str, ...]] = ("fprop_input", "fprop_weight", "dgrad_grad", "dgrad_weight")
@@ -147,6 +148,7 @@ class MXFP4Layer(LayerFormat):
     """
 
     name: ClassVar[str] = "mxfp4"
+    default_backward: ClassVar[str] = "dequantized"
     default_roles: ClassVar[tuple[str, ...]] = ("weight", "input")
     OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"scale_rule": mxfp4.SCALE_RULES}
     scale_rule: str = "floor"
@@ -169,6 +171,7 @@ class NF4Layer(LayerFormat):
     weight, so ``full`` and ``dequantized`` backward coincide."""
 
     name: ClassVar[str] = "nf4"
+    default_backward: ClassVar[str] = "dequantized"
     roles: ClassVar[tuple[str, ...]] = ("weight",)
     default_roles: ClassVar[tuple[str, ...]] = ("weight",)
     blocked_slots: ClassVar[tuple[str, ...]] = ()
@@ -196,6 +199,7 @@ class INT4Layer(LayerFormat):
     """
 
     name: ClassVar[str] = "int4"
+    default_backward: ClassVar[str] = "dequantized"
     roles: ClassVar[tuple[str, ...]] = ("weight", "input")
     default_roles: ClassVar[tuple[str, ...]] = ("weight",)
     dgrad_weight_from_fprop: ClassVar[bool] = True

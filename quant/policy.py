@@ -24,12 +24,14 @@ Layer selection (each rule's outcome shows up as a reason in the report; the fir
 6. Shapes the format cannot block (``layer_formats.unsupported_reason``), and grouped convolutions.
 
 Roles: ``weight``, ``input`` (the activation X), ``grad`` (the output gradient dY, quantized only with
-``backward=full``). ``roles=None`` means the format's default (NVFP4, MXFP4, FP8: all three; NF4, INT4: weight only).
+``backward=full``). ``roles=None`` means the format's default (NVFP4, FP8: all three; MXFP4: weight and input; NF4,
+INT4: weight only). ``recipe=None`` means the format's default: TE's ``NVFP4BlockScaling()`` defaults (``full``
+backward) for NVFP4 and FP8, the straight-through ``dequantized`` backward for MXFP4, NF4 and INT4.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from quant import layer_formats
@@ -48,6 +50,13 @@ def formats() -> tuple[str, ...]:
     return (NONE, *layer_formats.LAYER_FORMATS)
 
 
+def default_recipe(fmt: str) -> Recipe:
+    """The recipe a policy gets when none is given: TE's defaults, with the format's default backward mode."""
+    if fmt == NONE or fmt not in layer_formats.LAYER_FORMATS:
+        return Recipe()
+    return Recipe(backward=layer_formats.LAYER_FORMATS[fmt].default_backward)
+
+
 def _as_str_tuple(owner: str, name: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (tuple, list)):
         raise QuantError(f"{owner}.{name}={value!r} is not valid; expected a list of strings")
@@ -61,7 +70,7 @@ class Policy:
     """A precision policy; see the module docstring for how each field selects layers."""
 
     format: str = NONE
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe | None = None  # None = the format's default (TE's NVFP4BlockScaling(); STE for MXFP4/NF4/INT4)
     roles: tuple[str, ...] | None = None  # None = the format's default roles
     options: tuple[tuple[str, Any], ...] = ()  # format options, e.g. {"scale_rule": "rceil"} (a dict is accepted)
     include: tuple[str, ...] = ("*",)
@@ -77,6 +86,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.format not in formats():
             raise QuantError(f"Policy.format={self.format!r} is not valid; valid choices: {', '.join(formats())}")
+        if self.recipe is None:
+            object.__setattr__(self, "recipe", default_recipe(self.format))
         if not isinstance(self.recipe, Recipe):
             raise QuantError(f"Policy.recipe={self.recipe!r} is not valid; expected a quant.Recipe")
         for name in ("include", "exclude", "include_types", "exclude_types"):

@@ -21,7 +21,7 @@ from omegaconf import MISSING
 import quant
 from conf.errors import ConfigError
 from conf.schemas.common import check_choice, store_schema
-from quant.policy import QUANTIZABLE_TYPES, formats
+from quant.policy import QUANTIZABLE_TYPES, default_recipe, formats
 from quant.recipe import BACKWARD_MODES
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
@@ -35,7 +35,9 @@ class QuantConfig:
     format: str = "none"  # none | nvfp4 | mxfp4 | nf4 | int4 | fp8
     backend: str = "auto"
     # quant.Recipe (TE NVFP4BlockScaling); the three switches apply to nvfp4 only
-    backward: str = "full"  # full | dequantized | high_precision (TE backward_override None/"dequantized"/...)
+    # full | dequantized | high_precision (TE backward_override None/"dequantized"/"high_precision");
+    # null = the format's default (full for nvfp4 and fp8, dequantized for mxfp4, nf4, int4)
+    backward: Optional[str] = None
     disable_rht: bool = False
     disable_stochastic_rounding: bool = False
     disable_2d_quantization: bool = False
@@ -56,14 +58,15 @@ class QuantConfig:
         check_choice("quant", "precision", self.precision, PRECISIONS)
         check_choice("quant", "format", self.format, formats())
         check_choice("quant", "backend", self.backend, BACKENDS)
-        check_choice("quant", "backward", self.backward, BACKWARD_MODES)
+        if self.backward is not None:
+            check_choice("quant", "backward", self.backward, BACKWARD_MODES)
         if self.format == "nvfp4" and self.precision == "16-mixed":
             raise ConfigError(
                 "quant.precision=16-mixed is not valid with quant.format=nvfp4: TE's FP4 GEMM has no FP16 output and "
                 "its RHT takes only BF16 input, so the NVFP4 arm computes in BF16; valid choices: bf16-mixed, 32-true "
                 "(an FP16 baseline is compared with an NVFP4 arm that runs bf16-mixed)"
             )
-        if (self.format == "nvfp4" and self.precision == "32-true" and self.backward == "full"
+        if (self.format == "nvfp4" and self.precision == "32-true" and self._backward() == "full"
                 and not self.disable_rht):
             raise ConfigError(
                 "quant.precision=32-true is not valid with quant.format=nvfp4 and backward=full: the wgrad RHT needs "
@@ -72,6 +75,9 @@ class QuantConfig:
             )
         self.to_policy()
 
+    def _backward(self) -> str:
+        return self.backward if self.backward is not None else default_recipe(self.format).backward
+
     def to_policy(self) -> quant.Policy:
         """The frozen ``quant.Policy`` of this config (``ConfigError`` for a value ``quant`` rejects)."""
         try:
@@ -79,7 +85,7 @@ class QuantConfig:
                 disable_rht=self.disable_rht,
                 disable_stochastic_rounding=self.disable_stochastic_rounding,
                 disable_2d_quantization=self.disable_2d_quantization,
-                backward=self.backward,
+                backward=self._backward(),
             )
             return quant.Policy(
                 format=self.format,

@@ -69,6 +69,11 @@ def test_bad_quant_values_fail_with_one_clear_message(cfg_factory, overrides, me
     assert message in str(err.value)
 
 
+def test_backward_null_means_the_format_default(cfg_factory):
+    assert validate(cfg_factory("quant=int4", "quant.backward=null")).quant.to_policy().recipe.backward == "dequantized"
+    assert validate(cfg_factory("quant=fp8", "quant.backward=null")).quant.to_policy().recipe.backward == "full"
+
+
 def test_nvfp4_in_fp32_is_allowed_without_rht(cfg_factory):
     typed = validate(cfg_factory("quant=nvfp4", "quant.precision=32-true", "quant.disable_rht=true"))
     assert typed.quant.to_policy().recipe.disable_rht

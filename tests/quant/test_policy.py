@@ -23,6 +23,13 @@ def test_default_roles_per_format(fmt, roles):
     assert Policy(format=fmt).effective_roles == roles
 
 
+@pytest.mark.parametrize("fmt, backward", [
+    ("nvfp4", "full"), ("fp8", "full"), ("mxfp4", "dequantized"), ("nf4", "dequantized"), ("int4", "dequantized"),
+])
+def test_default_recipe_per_format(fmt, backward):
+    assert Policy(format=fmt).recipe == Recipe(backward=backward)
+
+
 def test_roles_override_is_canonicalised_and_validated():
     assert Policy(format="nvfp4", roles=["grad", "weight"]).roles == ("weight", "grad")
     with pytest.raises(QuantError, match=r"Policy.roles=\['grad'\] is not valid for format=nf4; valid: .*weight"):
