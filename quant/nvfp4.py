@@ -198,8 +198,10 @@ def _restore(values: Tensor, shape: torch.Size, dtype: torch.dtype, rotated: boo
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32, undo_rht: bool = False) -> Tensor:
     """Decode to q.shape in `dtype` with TE's dequant formula (in the RHT basis if q.rht, unless undo_rht)."""
     if kernels.enabled_for(q.codes):
-        values = kernels.load().nvfp4_decode(q, torch.float32 if q.rht and undo_rht else dtype, scaled_codes=False)
-        return _restore(values, q.shape, dtype, q.rht, undo_rht)
+        if q.rht and undo_rht:
+            rotated = kernels.load().nvfp4_decode(q, torch.float32, scaled_codes=False)
+            return _restore(rotated, q.shape, dtype, rotated=True, undo_rht=True)
+        return kernels.load().nvfp4_dequantize(q, dtype)
     return _restore(_decode(unpack_codes(q, padded=True), q.scales, q.amax), q.shape, dtype, q.rht, undo_rht)
 
 

@@ -31,9 +31,15 @@ def _custom_op(name: str, fn):
     return torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
 
 
-def _sr_seed(x: Tensor, stochastic: bool, generator: torch.Generator | None) -> Tensor | None:
+def _sr_seed(x: Tensor, stochastic: bool, generator: torch.Generator | None, seed: Tensor | None) -> Tensor | None:
+    """The Philox seed (int64 [1] on x's device): ``seed`` if given, else one draw from ``generator``.
+
+    torch.compile cannot trace a ``torch.Generator`` held by a Python object (graph break), so compiled callers that
+    want SR inside the graph pass a seed tensor they advance themselves."""
     if not stochastic:
         return None
+    if seed is not None:
+        return seed.reshape(1).to(device=x.device, dtype=torch.int64)
     return torch.randint(0, _SEED_HIGH, (1,), generator=generator, dtype=torch.int64, device=x.device)
 
 
@@ -115,26 +121,36 @@ def _call(op, eager, *args):
 
 
 def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
-                   generator: torch.Generator | None = None, name: str | None = None) -> nvfp4_reference.NVFP4Tensor:
-    """``quant.nvfp4.quantize`` on the kernels: the same ``NVFP4Tensor`` bytes (SR: same distribution)."""
+                   generator: torch.Generator | None = None, name: str | None = None, seed: Tensor | None = None
+                   ) -> nvfp4_reference.NVFP4Tensor:
+    """``quant.nvfp4.quantize`` on the kernels: the same ``NVFP4Tensor`` bytes (SR: same distribution; ``seed``
+    replaces ``generator``, see ``_sr_seed``)."""
     tile = _check_nvfp4(x, tile, rht, name)
-    seed = _sr_seed(x, stochastic, generator)
+    seed = _sr_seed(x, stochastic, generator, seed)
     codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x, tile[0], rht, seed, name or "")
     return nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype,
                                        tile=tile, rht=rht, stochastic=stochastic)
 
 
 def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
-                        generator: torch.Generator | None = None, name: str | None = None) -> Tensor:
+                        generator: torch.Generator | None = None, name: str | None = None, seed: Tensor | None = None
+                        ) -> Tensor:
     """``quant.nvfp4.fake_quantize`` in one pass after the amax reduction; output in x.dtype, x's shape."""
     tile = _check_nvfp4(x, tile, rht, name)
-    seed = _sr_seed(x, stochastic, generator)
+    seed = _sr_seed(x, stochastic, generator, seed)
     return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x, tile[0], rht, seed, name or "")
 
 
 def nvfp4_decode(q: nvfp4_reference.NVFP4Tensor, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
     """[M, K] values of q in ``dtype``: TE's dequant formula, or the scaled codes e2m1 * s_b (GEMM operand)."""
     return _call(_nvfp4_decode_op, _nvfp4_decode_eager, q.codes, q.scales, q.amax, q.cols, dtype, scaled_codes)
+
+
+def nvfp4_dequantize(q: nvfp4_reference.NVFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``quant.nvfp4.dequantize`` (rotated basis if q.rht) on the kernel. A 2-D q comes back as the custom op's own
+    output, not a view of it: torch.compile cannot save views of intermediates inside an autograd.Function."""
+    values = nvfp4_decode(q, dtype, scaled_codes=False)  # [M, K]
+    return values if values.shape == q.shape else values.view(q.shape)
 
 
 def nvfp4_rht(x: Tensor) -> Tensor:

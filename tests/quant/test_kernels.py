@@ -375,14 +375,15 @@ def test_interp_custom_ops_pass_opcheck():
 def test_interp_compiled_caller_has_no_graph_break():
     kernel_ops = _kernel_ops()
 
-    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return kernel_ops.nvfp4_fake_quantize(x) @ kernel_ops.nvfp4_fake_quantize(w, tile=(16, 16)).t()
+    def step(x: torch.Tensor, w: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        y = kernel_ops.nvfp4_fake_quantize(x) @ kernel_ops.nvfp4_fake_quantize(w, tile=(16, 16)).t()
+        return y + kernel_ops.nvfp4_fake_quantize(y, stochastic=True, seed=seed)  # SR seeded by a tensor
 
-    x, w = torch.randn(16, 32), torch.randn(32, 32)
-    explanation = torch._dynamo.explain(step)(x, w)
+    x, w, seed = torch.randn(16, 32), torch.randn(32, 32), torch.tensor([7])
+    explanation = torch._dynamo.explain(step)(x, w, seed)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(step, backend="eager", fullgraph=True)
-    assert_same_bits(compiled(x, w), step(x, w), "compiled vs eager")
+    assert_same_bits(compiled(x, w, seed), step(x, w, seed), "compiled vs eager")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
