@@ -211,13 +211,16 @@ def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch
 # ---------------------------------------------------------------------------------------------------------------------
 class _QuantLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, dtype: torch.dtype,
+                track: bool) -> Tensor:
         with _autocast_off(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [M, K]
             xq = q.operand("fprop_input", x2, dtype)
             wq = q.operand("fprop_weight", weight, dtype)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
-            if q.backward == "full":
+            if not track:
+                saved_x = saved_w = None
+            elif q.backward == "full":
                 saved_x, saved_w = x2, weight
             elif q.backward == "dequantized":
                 saved_x, saved_w = gemm.dense(xq, dtype), gemm.dense(wq, dtype)
@@ -249,12 +252,17 @@ class _QuantLinearFunction(torch.autograd.Function):
                 grad_w = gemm.mm(a, b, dtype)  # [N, K]
             if need_b and ctx.has_bias:
                 grad_b = dy.to(torch.float32).sum(0).to(dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _tracks(*tensors: Tensor | None) -> bool:
+    """Will autograd record this call? (Then the operands the backward mode needs are saved.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer) -> Tensor:
     """``F.linear(x, weight, bias)`` with the three GEMMs quantized by ``q``: x [..., K], weight [N, K] -> [..., N]."""
-    y = _QuantLinearFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight))  # [M, N]
+    y = _QuantLinearFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), _tracks(x, weight, bias))  # [M, N]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -342,7 +350,7 @@ class _QuantConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, dtype: torch.dtype,
-                geo: ConvGeometry) -> Tensor:
+                geo: ConvGeometry, track: bool) -> Tensor:
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = weight.transpose(0, 1) if geo.transposed else weight  # [Co, Ci, kh, kw]
@@ -353,7 +361,9 @@ class _QuantConvFunction(torch.autograd.Function):
             acc = geo.convolution(_unpixels(x32, x_c.shape), w_mod)
             bias4 = None if bias is None else bias.to(dtype).view(1, -1, 1, 1)
             y = gemm.finish(acc, alpha, dtype, bias4)  # [N, Co, OH, OW]
-            if q.backward == "full":
+            if not track:
+                saved_x = saved_w = None
+            elif q.backward == "full":
                 saved_x, saved_w = x_c, weight
             elif q.backward == "dequantized":
                 saved_x = _unpixels(gemm.dense(xq, dtype), x_c.shape)
@@ -386,7 +396,7 @@ class _QuantConvFunction(torch.autograd.Function):
                     grad_w = _full_wgrad(q, dy, saved_x, saved_w.shape, dtype, geo)
             if need_b and ctx.has_bias:
                 grad_b = dy.to(torch.float32).sum((0, 2, 3)).to(dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _module_weight(w_oi: Tensor, geo: ConvGeometry) -> Tensor:
@@ -429,7 +439,7 @@ def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantiz
                  padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     """``F.conv2d`` (zero padding, groups 1) with quantized GEMMs: x [N, Ci, H, W], weight [Co, Ci, kh, kw]."""
     geo = ConvGeometry(False, tuple(stride), tuple(padding), tuple(dilation))
-    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo)
+    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo, _tracks(x, weight, bias))
 
 
 def quant_conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer,
@@ -437,4 +447,4 @@ def quant_conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: La
                            dilation: tuple[int, int]) -> Tensor:
     """``F.conv_transpose2d`` (groups 1) with quantized GEMMs: x [N, Ci, H, W], weight [Ci, Co, kh, kw]."""
     geo = ConvGeometry(True, tuple(stride), tuple(padding), tuple(dilation), tuple(output_padding))
-    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo)
+    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo, _tracks(x, weight, bias))

@@ -51,7 +51,8 @@ def exact_fp32_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     products = a[:, None, :] * b[None, :, :]  # [M, N, K], exact in float64
     magnitude = np.abs(products)
     with np.errstate(divide="ignore"):
-        quantum = np.where(magnitude > 0, 2.0 ** (np.floor(np.log2(np.where(magnitude > 0, magnitude, 1))) - 11), np.inf)
+        exponent = np.floor(np.log2(np.where(magnitude > 0, magnitude, 1)))
+        quantum = np.where(magnitude > 0, 2.0 ** (exponent - 11), np.inf)
     q_min = quantum.min(axis=-1)
     return (magnitude.sum(axis=-1) <= 2.0**24 * q_min) | np.isinf(q_min)
 

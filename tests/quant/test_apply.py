@@ -134,7 +134,8 @@ def test_full_backward_needs_block_aligned_out_channels():
     report = quant.apply(model, Policy(format="nvfp4"))
     assert "out_features=24 is not a multiple of 16" in report.row("0").reason
     assert "in_features=24 is not a multiple of 16" in report.row("2").reason
-    report = quant.apply(nn.Sequential(nn.Linear(32, 24)), Policy(format="nvfp4", recipe=Recipe(backward="dequantized")))
+    dequantized = Policy(format="nvfp4", recipe=Recipe(backward="dequantized"))
+    report = quant.apply(nn.Sequential(nn.Linear(32, 24)), dequantized)
     assert report.row("0").quantized  # the dequantized backward never blocks along out_features
 
 
