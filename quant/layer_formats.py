@@ -44,7 +44,6 @@ SLOT_ROLE = {
     "wgrad_grad": "grad",
     "wgrad_input": "input",
 }
-SLOTS = tuple(SLOT_ROLE)
 
 
 @dataclass(frozen=True)
