@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from analysis import quant_state
@@ -33,36 +34,32 @@ def build_callbacks(cfg: AnalysisConfig | None, *, output_dir: Path, run_name: s
                     report: Any = None) -> list[L.Callback]:
     """The analysis callbacks of one training job (none when ``cfg`` is None or ``cfg.enabled`` is false).
 
-    ``report`` is the ``quant.QuantReport`` of ``quant.apply`` (which layers are quantized, with which weight tile);
-    ``policy`` the ``quant.Policy`` it applied (kept for the record; the report already carries what analysis needs).
+    ``report`` is the ``quant.QuantReport`` of ``quant.apply``: its module names are how analysis finds the model
+    inside the LightningModule and names layers as the report does. ``policy`` is accepted for symmetry and not
+    needed: each quantized layer carries its own quantizer, which analysis reads.
     """
     if cfg is None or not cfg.enabled:
         return []
-    layers = quant_state.report_layers(report)
-    return [AnalysisCallback(cfg, output_dir=output_dir, run_name=run_name, quantized=layers.quantized,
-                             layer_names=layers.names, weight_tiles=layers.weight_tiles)]
+    return [AnalysisCallback(cfg, output_dir=output_dir, run_name=run_name,
+                             layer_names=quant_state.report_layer_names(report))]
 
 
-def run_study(model: nn.Module, cfg: AnalysisConfig, *, output_dir: Path, run_name: str, report: Any = None,
-              loggers: Iterable[L.pytorch.loggers.Logger] = (), step: int = 0) -> KurtosisStudy:
+def run_study(model: nn.Module, cfg: AnalysisConfig, *, output_dir: Path, run_name: str,
+              loggers: Iterable[Logger] = (), step: int = 0) -> KurtosisStudy:
     """Analyse ``model`` as it is (e.g. loaded from a checkpoint) without training.
 
     Writes the kurtosis study to ``plots/kurtosis/<run_name>/`` and the weight heatmaps of ``step`` (gradients too,
     if the parameters hold ``.grad`` from a backward pass the caller ran) to ``plots/heatmaps/<run_name>/``, and logs
     both to the W&B run among ``loggers``, if any.
     """
-    layers = quant_state.report_layers(report)
-    telemetry = Telemetry(cfg, output_dir=output_dir, run_name=run_name, quantized=layers.quantized,
-                          weight_tiles=layers.weight_tiles)
+    telemetry = Telemetry(cfg, output_dir=output_dir, run_name=run_name)
     result = telemetry.collect(model, step)
     payload = telemetry.write(result)
     gradient_stats = {r["layer"]: r for r in result.rows if r["kind"] == "gradients"}
-    outcome = study(model, z_threshold=cfg.kurtosis_z_threshold,
-                    quantized=layers.quantized if report is not None else None,
-                    weight_tiles=layers.weight_tiles, gradient_stats=gradient_stats)
-    paths = outcome.write(Path(output_dir) / "plots" / "kurtosis" / run_name)
+    outcome = study(model, z_threshold=cfg.kurtosis_z_threshold, gradient_stats=gradient_stats)
+    study_payload = outcome.write_and_payload(Path(output_dir) / "plots" / "kurtosis" / run_name)
     logger = find_wandb_logger(loggers) if cfg.wandb else None
     if logger is not None:
         payload.log(logger, step)
-        outcome.wandb_payload(paths[".png"]).log(logger, step)
+        study_payload.log(logger, step)
     return outcome

@@ -3,7 +3,8 @@
 Why it exists: heavy tails are the usual argument for keeping a layer in high precision, but per-tensor kurtosis also
 grows when channels merely have different scales (a 50/50 mix of sigma 1 and 4 gives Pearson 5.34), while NVFP4
 scales every 16-element block (16x16 tile for weights). So each layer gets its kurtosis at three granularities next
-to its *measured* NVFP4 weight error (round-to-nearest, TE's weight recipe), and the study reports the Spearman
+to its *measured* weight quantization error (the layer's own format as its forward GEMM uses it; for a layer kept in
+high precision, NVFP4 with TE's weight recipe: 16x16 tiles, round-to-nearest), and the study reports the Spearman
 correlation between them across layers instead of assuming kurtosis predicts sensitivity.
 
 Recommendation rule: within each module type (Linear, Conv2d, ...), a layer is flagged to stay in high precision when
@@ -26,7 +27,7 @@ from torch import nn
 from analysis import quant_state, render, stats
 from analysis.wandb_log import WandbPayload
 
-CORRELATED = ("kurtosis", "kurtosis_channel_max", "kurtosis_block_p99")  # each vs NVFP4 relative MSE
+CORRELATED = ("kurtosis", "kurtosis_channel_max", "kurtosis_block_p99")  # each vs the weight's relative MSE
 
 
 @dataclass
@@ -35,7 +36,7 @@ class LayerKurtosis:
     module_type: str
     shape: str
     numel: int
-    quantized: bool | None  # None: unknown (study run on a model without a quantization report)
+    quantized: bool  # the layer's weight is quantized (a quant module whose policy quantizes the weight role)
     kurtosis: float
     kurtosis_channel_median: float
     kurtosis_channel_max: float
@@ -44,9 +45,10 @@ class LayerKurtosis:
     kurtosis_block_max: float
     grad_kurtosis: float  # NaN when no gradient was available
     grad_kurtosis_block_p99: float
-    nvfp4_snr_db: float
-    nvfp4_rel_mse: float
-    nvfp4_clip_rate: float
+    error_format: str  # the layer's own weight quantization, or the NVFP4 reference for a layer kept in high precision
+    snr_db: float  # of the weight under error_format
+    rel_mse: float
+    clip_rate: float  # NaN for formats without codes
     robust_z: float = math.nan
     rank: int = 0  # 1 = highest per-tensor kurtosis
     keep_high_precision: bool = False
@@ -57,7 +59,7 @@ class LayerKurtosis:
 class KurtosisStudy:
     layers: list[LayerKurtosis]  # ranked by per-tensor weight kurtosis, highest first
     z_threshold: float
-    spearman: dict[str, float] = field(default_factory=dict)  # "<stat>_vs_nvfp4_rel_mse" -> rho
+    spearman: dict[str, float] = field(default_factory=dict)  # "<stat>_vs_rel_mse" -> rho
 
     def recommended(self) -> list[tuple[str, str]]:
         return [(row.layer, row.reason) for row in self.layers if row.keep_high_precision]
@@ -91,18 +93,23 @@ class KurtosisStudy:
                     "16-block p99": [row.kurtosis_block_p99 for row in self.layers]},
             y_label="excess kurtosis")
         scatter = render.Scatter(
-            title="kurtosis vs measured NVFP4 weight error", x=[row.kurtosis for row in self.layers],
-            y=[row.nvfp4_snr_db for row in self.layers],
+            title="kurtosis vs measured weight quantization error", x=[row.kurtosis for row in self.layers],
+            y=[row.snr_db for row in self.layers],
             labels=[f"{n} (z={row.robust_z:.2f}{', keep' if row.keep_high_precision else ''})"
                     for n, row in zip(names, self.layers)],
             groups=[row.module_type for row in self.layers], x_label="per-tensor excess kurtosis",
-            y_label="NVFP4 SNR (dB)")
+            y_label="weight SNR (dB)")
         rho = ", ".join(f"{k}: {v:.2f}" for k, v in self.spearman.items())
         keep = ", ".join(n for n, _ in self.recommended()) or "none"
         return render.Grid(title=f"Kurtosis study (robust z > {self.z_threshold} within module type -> keep)",
                            panels=[bars, scatter],
-                           note=f"Spearman rho vs NVFP4 relative MSE: {rho}. Keep in high precision: {keep}. "
-                                "Excess (Fisher) kurtosis, biased moments.")
+                           note=f"Spearman rho vs the weight's relative MSE: {rho}. Keep in high precision: {keep}. "
+                                "Excess (Fisher) kurtosis, biased moments. Error: the layer's own weight format, "
+                                "or NVFP4 (16x16, RN) for layers kept in high precision.")
+
+    def write_and_payload(self, folder: Path) -> WandbPayload:
+        """``write(folder)``, then the W&B payload showing the written table and figure."""
+        return self.wandb_payload(self.write(folder)[".png"])
 
     def wandb_payload(self, png: Path) -> WandbPayload:
         payload = WandbPayload()
@@ -117,42 +124,41 @@ def _json_value(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def study(model: nn.Module, *, z_threshold: float, quantized: set[str] | None = None,
-          weight_tiles: Mapping[str, tuple[int, int]] | None = None,
+def study(model: nn.Module, *, z_threshold: float,
           gradient_stats: Mapping[str, Mapping[str, float]] | None = None) -> KurtosisStudy:
     """Measure every layer with a >= 2-D weight and rank it.
 
-    ``quantized``: names the quantization report marks as quantized (None: unknown). ``gradient_stats``: per layer
-    ``analysis.stats.tensor_stats`` of its last gradient; when absent, ``weight.grad`` is used if present.
+    ``gradient_stats``: per layer ``analysis.stats.tensor_stats`` of its last gradient (from the training
+    telemetry); when absent, ``weight.grad`` is used if present.
     """
     rows = []
-    tiles = weight_tiles or {}
     with torch.no_grad():
         for name, module in quant_state.weight_layers(model):
-            w = quant_state.weight_operand(module)
+            w = quant_state.weight_operand(module)  # float32 [out, K]
             s = stats.tensor_stats(w)
-            q = quant_state.quantize_operand(w, tiles.get(name, quant_state.WEIGHT_TILE))
+            q = quant_state.layer_quantization(module) or quant_state.nvfp4_reference(w)
             err = stats.error_stats(q.raw, q.dequantized)
             g = (gradient_stats or {}).get(name)
             if g is None and module.weight.grad is not None:
-                g = stats.tensor_stats(stats.as_matrix(module.weight.grad))
+                g = stats.tensor_stats(quant_state.gemm_matrix(module, module.weight.grad.detach()))
             rows.append(LayerKurtosis(
                 layer=name, module_type=quant_state.base_type(module), shape="x".join(map(str, module.weight.shape)),
-                numel=module.weight.numel(), quantized=None if quantized is None else name in quantized,
+                numel=module.weight.numel(), quantized=quant_state.is_weight_quantized(module),
                 kurtosis=s["kurtosis"], kurtosis_channel_median=s["kurtosis_channel_median"],
                 kurtosis_channel_max=s["kurtosis_channel_max"], kurtosis_block_median=s["kurtosis_block_median"],
                 kurtosis_block_p99=s["kurtosis_block_p99"], kurtosis_block_max=s["kurtosis_block_max"],
                 grad_kurtosis=g["kurtosis"] if g else math.nan,
                 grad_kurtosis_block_p99=g["kurtosis_block_p99"] if g else math.nan,
-                nvfp4_snr_db=err["snr_db"], nvfp4_rel_mse=err["rel_mse"],
-                nvfp4_clip_rate=stats.clip_rate(q.raw, q.dequantized, q.grid_values.abs(), q.max_grid_magnitude),
+                error_format=q.description, snr_db=err["snr_db"], rel_mse=err["rel_mse"],
+                clip_rate=stats.clip_rate(q.raw, q.dequantized, q.grid_values.abs(), q.max_grid_magnitude)
+                if q.has_codes else math.nan,
             ))
     _flag(rows, z_threshold)
     rows.sort(key=lambda r: -r.kurtosis if math.isfinite(r.kurtosis) else math.inf)
     for rank, row in enumerate(rows, start=1):
         row.rank = rank
-    rel_mse = torch.tensor([r.nvfp4_rel_mse for r in rows], dtype=torch.float64)
-    spearman = {f"{stat}_vs_nvfp4_rel_mse": stats.spearman(
+    rel_mse = torch.tensor([r.rel_mse for r in rows], dtype=torch.float64)
+    spearman = {f"{stat}_vs_rel_mse": stats.spearman(
         torch.tensor([getattr(r, stat) for r in rows], dtype=torch.float64), rel_mse) for stat in CORRELATED}
     return KurtosisStudy(layers=rows, z_threshold=z_threshold, spearman=spearman)
 

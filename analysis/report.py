@@ -179,13 +179,13 @@ def kurtosis_chart(jobs: Sequence[Job], arms: Sequence[str]) -> render.Scatter |
             continue
         for row in job.kurtosis["layers"]:
             x.append(row["kurtosis"])
-            y.append(row["nvfp4_snr_db"])
+            y.append(row["snr_db"])
             labels.append(f"{arm}: {row['layer']}")
             groups.append(arm)
     if not x:
         return None
-    return render.Scatter(title="per-layer weight kurtosis vs measured NVFP4 weight error", x=x, y=y, labels=labels,
-                          groups=groups, x_label="per-tensor excess kurtosis", y_label="NVFP4 SNR (dB)",
+    return render.Scatter(title="per-layer weight kurtosis vs measured weight quantization error", x=x, y=y,
+                          labels=labels, groups=groups, x_label="per-tensor excess kurtosis", y_label="weight SNR (dB)",
                           note="each point a layer at the end of training (first seed of each arm)")
 
 
@@ -252,7 +252,7 @@ def _kurtosis_table(jobs: Sequence[Job], arms: Sequence[str]) -> str:
     for job in studies.values():
         for row in job.kurtosis["layers"]:
             layers.setdefault(row["layer"], row["module_type"])
-    columns = ("kurtosis", "kurtosis_block_p99", "nvfp4_snr_db", "robust_z")
+    columns = ("kurtosis", "kurtosis_block_p99", "snr_db", "robust_z")
     head = "".join(f"<th colspan='{len(columns) + 1}'>{html.escape(arm)}</th>" for arm in studies)
     sub = "".join("".join(f"<th>{c}</th>" for c in (*columns, "keep")) for _ in studies)
     body = []
@@ -274,8 +274,9 @@ def _kurtosis_table(jobs: Sequence[Job], arms: Sequence[str]) -> str:
     return (f"<table class='kurtosis'><tr><th class='l' rowspan='2'>layer</th><th class='l' rowspan='2'>type</th>"
             f"{head}</tr><tr>{sub}</tr>\n" + "\n".join(body) + "</table>"
             f"<p class='muted'>Excess (Fisher) kurtosis of the final weights, biased moments; block = 16 elements "
-            f"along the reduction dim; SNR of the NVFP4 weight (16x16 tiles, round-to-nearest); keep = robust z "
-            f"above the threshold within the module type. Spearman rho vs NVFP4 relative MSE: {rho}</p>")
+            f"along the reduction dim; SNR of the weight in the arm's own format (NVFP4 16x16 round-to-nearest for "
+            f"layers in high precision); keep = robust z above the threshold within the module type. Spearman rho "
+            f"vs the weight's relative MSE: {rho}</p>")
 
 
 def _figure_block(figure: render.Figure, folder: Path, stem: str, element_id: str) -> str:
@@ -314,7 +315,7 @@ def build_report(paths: Sequence[Path], out_dir: Path, baselines: Sequence[str] 
             f"<h3>Final metrics</h3>{_metrics_table(metric_rows(group, arms, baseline), arms, baseline)}"
             f"<p class='muted'>mean &plusmn; std over seeds; gap = (arm - baseline) / |baseline|, red where the arm "
             f"is worse</p><h3>Training and validation curves</h3><div class='figs'>{curves}</div>"
-            f"<h3>Per-layer kurtosis and NVFP4 error</h3><div class='figs'>{scatter_html}</div>"
+            f"<h3>Per-layer kurtosis and quantization error</h3><div class='figs'>{scatter_html}</div>"
             f"{_kurtosis_table(group, arms)}<details><summary>jobs ({len(group)})</summary><ul>{job_list}</ul>"
             f"</details>")
     page = out_dir / REPORT_FILE

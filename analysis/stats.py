@@ -37,27 +37,22 @@ ERROR_STATS = ("snr_db", "rel_mse", "max_abs_err", "clip_rate")
 CODE_STATS = ("codes_used", "code_entropy_bits", "scale_zero_rate", "scale_subnormal_rate")
 
 
-def _excess_kurtosis_rows(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Excess kurtosis of each row of ``rows`` [R, L] (float64, NaN-padded), using the first ``counts[r]`` values."""
-    valid = ~torch.isnan(rows)
-    filled = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype))
-    mean = filled.sum(dim=1, keepdim=True) / counts[:, None]  # [R, 1]
-    centered = torch.where(valid, filled - mean, torch.zeros((), dtype=rows.dtype))  # [R, L]
-    sq = centered * centered
-    m2 = sq.sum(dim=1) / counts  # [R]
-    m4 = (sq * sq).sum(dim=1) / counts  # [R]
-    out = m4 / (m2 * m2) - 3.0
+def _excess_kurtosis_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Excess kurtosis of each row of ``rows`` [R, L] (float64, no NaN) -> [R]; NaN where a row has zero variance."""
+    centered = rows - rows.mean(dim=1, keepdim=True)  # [R, L]
+    sq = centered.square()
+    m2 = sq.mean(dim=1)  # [R]
+    m4 = sq.square().mean(dim=1)  # [R]
+    out = m4 / m2.square() - 3.0
     # Zero variance, decided relative to the data's magnitude: float64 rounding in the mean leaves m2 ~ 1e-33 on
     # a constant row, which would otherwise produce a spurious finite kurtosis.
-    scale = filled.abs().amax(dim=1)
-    degenerate = m2 <= (scale * 1e-12) ** 2
-    return torch.where(degenerate, torch.full_like(out, math.nan), out)
+    degenerate = m2 <= (rows.abs().amax(dim=1) * 1e-12).square()
+    return out.masked_fill(degenerate, math.nan)
 
 
 def excess_kurtosis(x: torch.Tensor) -> float:
     """Excess kurtosis of the flattened tensor (scipy ``kurtosis(x.ravel(), fisher=True, bias=True)``)."""
-    flat = x.detach().reshape(1, -1).to(torch.float64)
-    return float(_excess_kurtosis_rows(flat, torch.tensor([flat.shape[1]], dtype=torch.float64))[0])
+    return float(_excess_kurtosis_rows(x.detach().reshape(1, -1).to(torch.float64))[0])
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +62,7 @@ def as_matrix(x: torch.Tensor) -> torch.Tensor:
 
 def channel_kurtosis(x: torch.Tensor) -> torch.Tensor:
     """Excess kurtosis of each output channel: row ``i`` of ``as_matrix(x)`` -> float64 [out]."""
-    rows = as_matrix(x).to(torch.float64)
-    return _excess_kurtosis_rows(rows, torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64))
+    return _excess_kurtosis_rows(as_matrix(x).to(torch.float64))
 
 
 def block_kurtosis(x: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
@@ -79,15 +73,12 @@ def block_kurtosis(x: torch.Tensor, block: int = NVFP4_BLOCK) -> torch.Tensor:
     """
     rows = as_matrix(x).to(torch.float64)  # [M, K]
     m, k = rows.shape
-    n_blocks = -(-k // block)
-    pad = n_blocks * block - k
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad), value=math.nan)
-    blocks = rows.reshape(m * n_blocks, block)  # [M * n_blocks, block]
-    counts = torch.full((n_blocks,), float(block), dtype=torch.float64)
-    if pad:
-        counts[-1] = float(block - pad)
-    return _excess_kurtosis_rows(blocks, counts.repeat(m))
+    full = k // block
+    out = torch.empty(m, -(-k // block), dtype=torch.float64)  # [M, n_blocks]
+    out[:, :full] = _excess_kurtosis_rows(rows[:, : full * block].reshape(m * full, block)).reshape(m, full)
+    if k % block:
+        out[:, full] = _excess_kurtosis_rows(rows[:, full * block:])
+    return out.reshape(-1)
 
 
 def quantile(values: torch.Tensor, q: float) -> float:

@@ -2,8 +2,9 @@
 
 Why separate from the Lightning callback: the same pass runs during training (``analysis.callbacks``, weights and
 gradients every ``every_n_steps``) and once on a checkpoint (``mode=analyze``, ``analysis.run_study``). It only
-reads: weights and gradients are copied (``detach``, float32/float64 copies) and quantized with round-to-nearest
-through ``analysis.quant_state``; no tensor of the model is modified and no random number is drawn.
+reads: weights and gradients are copied (``detach``, float32/float64 copies), and a quantized layer's weight operand
+is the one its forward GEMM multiplies (``analysis.quant_state``, round-to-nearest as the weight recipe says); no
+tensor of the model is modified and no random number is drawn.
 
 Four kinds of tensors, each with its own folder under ``plots/heatmaps/<run-name>/``:
 
@@ -11,8 +12,8 @@ Four kinds of tensors, each with its own folder under ``plots/heatmaps/<run-name
 kind           folder                        what
 =============  ============================  =================================================================
 prequantize    weights/prequantize/          the weight as trained (every layer with a >= 2-D weight)
-quantized      weights/quantized/            its NVFP4 codes and E4M3 block scales (quantized layers only)
-dequantized    weights/dequantized/          the decoded weight and its error against the raw weight
+quantized      weights/quantized/            its NVFP4 codes and E4M3 block scales (NVFP4-quantized weights)
+dequantized    weights/dequantized/          the decoded weight and its error (every quantized weight)
 gradients      gradients/                    the weight gradient after AMP unscaling (every layer)
 =============  ============================  =================================================================
 
@@ -80,6 +81,11 @@ def select_layers(names: Sequence[str], patterns: Sequence[str], limit: int) -> 
     return [matches[i] for i in picks]
 
 
+def snapshot(t: torch.Tensor) -> np.ndarray:
+    """A private CPU copy: a view of a float32 weight would change under the optimizer while a figure is drawn."""
+    return t.detach().to("cpu", copy=True).numpy()
+
+
 def _short(values: np.ndarray) -> list[list[float]]:
     """Image values with 6 significant digits (display data: keeps the JSON and HTML small)."""
     return [[float(f"{v:.6g}") for v in row] for row in values.tolist()]
@@ -100,19 +106,16 @@ class StepResult:
 class Telemetry:
     """Measures a model and writes/logs the results of one step (see the module docstring for the layout)."""
 
-    def __init__(self, cfg: AnalysisConfig, *, output_dir: Path, run_name: str, quantized: Iterable[str] = (),
-                 weight_tiles: dict[str, tuple[int, int]] | None = None) -> None:
+    def __init__(self, cfg: AnalysisConfig, *, output_dir: Path, run_name: str) -> None:
         self.cfg = cfg
         self.root = Path(output_dir) / "plots" / "heatmaps" / run_name
-        self.quantized = set(quantized)
-        self.weight_tiles = dict(weight_tiles or {})
         self._image_layers: list[str] | None = None
 
     def image_layers(self, model: nn.Module) -> list[str]:
         """Layers that get per-layer images: chosen among the quantized layers if any, else among all layers."""
         if self._image_layers is None:
-            names = [name for name, _ in quant_state.weight_layers(model)]
-            pool = [n for n in names if n in self.quantized] or names
+            layers = quant_state.weight_layers(model)
+            pool = [n for n, m in layers if quant_state.is_weight_quantized(m)] or [n for n, _ in layers]
             self._image_layers = select_layers(pool, self.cfg.image_layers, self.cfg.max_image_layers)
         return self._image_layers
 
@@ -128,11 +131,11 @@ class Telemetry:
                     self._collect_weight(result, name, kind_type, module, crop, side)
                 grad = module.weight.grad
                 if gradients and grad is not None:
-                    g = stats.as_matrix(grad).to(torch.float32)
+                    g = quant_state.gemm_matrix(module, grad.detach()).to(torch.float32)  # [out, K]
                     result.rows.append(self._row(step, "gradients", name, kind_type, stats.tensor_stats(g)))
                     if crop:
-                        result.crops[("gradients", name)] = {"gradient": g[:side, :side].cpu().numpy()}
-                        result.histogram_values[("gradients", name)] = g.reshape(-1).cpu().numpy()
+                        result.crops[("gradients", name)] = {"gradient": snapshot(g[:side, :side])}
+                        result.histogram_values[("gradients", name)] = snapshot(g.reshape(-1))
         return result
 
     def _collect_weight(self, result: StepResult, name: str, kind_type: str, module: nn.Module, crop: bool,
@@ -141,23 +144,25 @@ class Telemetry:
         w = quant_state.weight_operand(module)  # float32 [M, K]
         result.rows.append(self._row(step, "prequantize", name, kind_type, stats.tensor_stats(w)))
         if crop:
-            result.crops[("prequantize", name)] = {"raw": w[:side, :side].cpu().numpy()}
-            result.histogram_values[("prequantize", name)] = w.reshape(-1).cpu().numpy()
-        if name not in self.quantized:
+            result.crops[("prequantize", name)] = {"raw": snapshot(w[:side, :side])}
+            result.histogram_values[("prequantize", name)] = snapshot(w.reshape(-1))
+        q = quant_state.layer_quantization(module)
+        if q is None:
             return
-        q = quant_state.quantize_operand(w, self.weight_tiles.get(name, quant_state.WEIGHT_TILE))
+        deq_row = {**stats.error_stats(q.raw, q.dequantized), **stats.tensor_stats(q.dequantized)}
+        result.rows.append(self._row(step, "dequantized", name, kind_type, deq_row))
+        raw, deq = q.raw[:side, :side], q.dequantized[:side, :side]
+        if crop:
+            result.crops[("dequantized", name)] = {"dequantized": snapshot(deq), "error": snapshot(deq - raw)}
+        if not q.has_codes:
+            return
         code_row = stats.code_stats(q.codes, q.scale_values, q.scale_subnormal)
         code_row["clip_rate"] = stats.clip_rate(q.raw, q.dequantized, q.grid_values.abs(), q.max_grid_magnitude)
         result.rows.append(self._row(step, "quantized", name, kind_type, code_row))
-        deq_row = {**stats.error_stats(q.raw, q.dequantized), **stats.tensor_stats(q.dequantized)}
-        result.rows.append(self._row(step, "dequantized", name, kind_type, deq_row))
         result.code_histograms[name] = stats.code_histogram(q.codes).tolist()
         result.scale_histograms[name] = stats.byte_histogram(q.scale_bytes).tolist()
         if crop:
-            raw = q.raw[:side, :side]
-            deq = q.dequantized[:side, :side]
-            result.crops[("quantized", name)] = {"codes": q.grid_values[:side, :side].cpu().numpy()}
-            result.crops[("dequantized", name)] = {"dequantized": deq.cpu().numpy(), "error": (deq - raw).cpu().numpy()}
+            result.crops[("quantized", name)] = {"codes": snapshot(q.grid_values[:side, :side])}
 
     @staticmethod
     def _row(step: int, kind: str, layer: str, kind_type: str, values: dict[str, float]) -> dict[str, Any]:

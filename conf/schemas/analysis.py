@@ -26,6 +26,7 @@ class AnalysisConfig:
     max_image_layers: int = 4
     image_max_side: int = 128  # per-layer images show the top-left crop of at most this many rows and columns
     wandb: bool = True  # log figures and tables to the W&B run when a WandbLogger is present
+    background_writer: bool = True  # draw and write figures on a worker thread (measuring stays on the training thread)
     kurtosis_study: bool = True  # ranked kurtosis table at the end of training
     kurtosis_z_threshold: float = 3.5  # robust z within a module type above which a layer is flagged
     baselines: list[str] = field(default_factory=lambda: ["bf16", "fp16", "fp32"])  # report baseline preference

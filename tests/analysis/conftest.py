@@ -10,6 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import quant
+from quant import Policy, QuantReport, Recipe
+
 
 class TinyTask(L.LightningModule):
     """Wraps the model as ``self.net`` (like the real tasks) so layer names must be resolved relative to it."""
@@ -41,10 +44,19 @@ def tiny_loader(seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
 
 
-def fit(tmp: Path, callbacks: list[L.Callback], *, steps: int = 4, seed: int = 0, loggers: Any = False,
-        ckpt_path: str | None = None, **trainer_kwargs: Any) -> TinyTask:
+NVFP4_CPU = Policy(format="nvfp4", recipe=Recipe(disable_rht=True))  # the RHT needs bf16 compute; these fits are fp32
+
+
+def make_task(policy: Policy | None = None, seed: int = 0) -> tuple[TinyTask, QuantReport | None]:
+    """The tiny net (quantized in place by ``quant.apply`` when a policy is given) wrapped in a LightningModule."""
     L.seed_everything(seed, verbose=False)
-    task = TinyTask(tiny_net())
+    net = tiny_net()
+    report = quant.apply(net, policy) if policy is not None else None
+    return TinyTask(net), report
+
+
+def fit(tmp: Path, task: TinyTask, callbacks: list[L.Callback], *, steps: int = 4, loggers: Any = False,
+        ckpt_path: str | None = None, **trainer_kwargs: Any) -> TinyTask:
     trainer_kwargs.setdefault("enable_checkpointing", False)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=loggers, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp),

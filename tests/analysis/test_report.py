@@ -54,7 +54,7 @@ def sweep(tmp_path: Path) -> Path:
     model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 16))
     with torch.no_grad():
         model[1].weight[3, 7] = 2.0  # one outlier: the highest kurtosis
-    study = kurtosis_study.study(model, z_threshold=3.5, quantized={"0", "1", "2"})
+    study = kurtosis_study.study(model, z_threshold=3.5)
     study.write(root / "1_resnet-bf16-seed1" / "plots" / "kurtosis" / "resnet-bf16-seed1")
     study.write(root / "2_resnet-nvfp4-seed0" / "plots" / "kurtosis" / "resnet-nvfp4-seed0")
     (root / "multirun.yaml").write_text("hydra: {}\n")
