@@ -10,11 +10,12 @@ from omegaconf import DictConfig
 
 import conf.schemas  # noqa: F401  (registers the structured-config schemas before Hydra composes)
 from conf.validate import unknown_key_message
-from trainers.app import run
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from trainers.app import run  # torch, Lightning and friends load only once the config is known to be valid
+
     return run(cfg)
 
 

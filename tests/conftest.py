@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the suite runs many tiny ops, where more threads only add contention on 2-core CI.
+torch.set_num_threads(1)
 
 
 def compose_config(overrides: list[str], tmp_path: Path, cache_dir: Path | None = None) -> DictConfig:

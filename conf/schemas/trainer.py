@@ -23,10 +23,11 @@ class TrainerConfig:
     max_steps: int = -1
     min_steps: Optional[int] = None
     max_time: Optional[str] = None  # "DD:HH:MM:SS"
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
-    val_check_interval: Optional[float] = None
+    # int = number of batches, float = fraction (Lightning's convention), so these stay untyped: 1 != 1.0
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
     check_val_every_n_epoch: Optional[int] = 1
     num_sanity_val_steps: int = 2
     log_every_n_steps: int = 10
@@ -39,7 +40,7 @@ class TrainerConfig:
     enable_model_summary: bool = True
     enable_checkpointing: bool = True
     fast_dev_run: Any = False
-    overfit_batches: float = 0.0
+    overfit_batches: Any = 0.0
     detect_anomaly: bool = False
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True

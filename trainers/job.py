@@ -1,0 +1,148 @@
+"""The pieces of one job, built from the validated config: data, model, precision policy, loggers, trainer.
+
+Why separate from the modes: ``train``, ``test``, ``analyze``, ``ptq``, ``export`` and ``eval`` each need a different
+subset of these pieces, and each piece must be built the same way in all of them (same seed handling, same output
+layout, same checks), so the modes compose these builders instead of repeating them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import data
+import models
+import quant
+import trainers
+from conf.errors import ConfigError
+from conf.schemas.root import RootConfig
+from trainers.loggers import build_loggers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """The validated config of one job and where it writes."""
+
+    cfg: DictConfig  # as composed (logged as the run's config)
+    typed: RootConfig  # the same, validated into dataclasses
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.typed.paths.output_dir)
+
+    def build_datamodule(self) -> L.LightningDataModule:
+        typed = self.typed
+        datamodule = data.build_datamodule(typed.data, cache_dir=Path(typed.paths.cache_dir), seed=typed.seed)
+        model_task = models.task_of(typed.model.name)
+        if model_task != datamodule.info.task:
+            raise ConfigError(
+                f"model={typed.model.name} trains a {model_task} task but data={typed.data.name} provides "
+                f"{datamodule.info.task} data; valid data choices for model={typed.model.name}: "
+                f"{', '.join(data.names_for_task(model_task))}"
+            )
+        return datamodule
+
+    def build_model(self, info: data.DataInfo) -> nn.Module:
+        return models.build_model(self.typed.model, info)
+
+    def apply_policy(self, model: nn.Module, policy: quant.Policy | None = None) -> quant.QuantReport:
+        """Quantize ``model`` in place with the job's policy (or ``policy``) and keep the report next to the run."""
+        policy = policy or self.typed.quant.to_policy()
+        report = quant.apply(model, policy)
+        (self.output_dir / "quant_report.txt").write_text(report.table() + "\n")
+        log.info("Precision policy %s:\n%s", self.typed.quant.name, report.table())
+        return report
+
+    def build_task(self, model: nn.Module, info: data.DataInfo) -> L.LightningModule:
+        return trainers.build_task(model, info, self.typed.model, self.typed.optim)
+
+    def build_loggers(self, *, job_type: str | None = None) -> list:
+        typed = self.typed
+        return build_loggers(
+            typed.logger,
+            output_dir=self.output_dir,
+            run_name=typed.run_name,
+            group=typed.experiment_name,
+            job_type=job_type or typed.quant.name,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+        )
+
+    def build_trainer(self, task: L.LightningModule, *, loggers: list, callbacks: list | None = None,
+                      checkpoint: ModelCheckpoint | None = None) -> L.Trainer:
+        callbacks = [*(callbacks or []), *([checkpoint] if checkpoint else [])]
+        kwargs = self.typed.trainer.kwargs()
+        kwargs["enable_checkpointing"] = kwargs["enable_checkpointing"] and checkpoint is not None
+        return L.Trainer(**kwargs, precision=self.effective_precision(), logger=loggers, callbacks=callbacks,
+                         default_root_dir=str(self.output_dir))
+
+    def checkpoint_callback(self, task: L.LightningModule) -> ModelCheckpoint:
+        return ModelCheckpoint(
+            dirpath=self.output_dir / "checkpoints",
+            filename="best",
+            monitor=self.monitor(task),
+            mode=task.monitor_mode,
+            save_last=True,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+        )
+
+    def monitor(self, task: L.LightningModule) -> str:
+        return self.typed.monitor or task.monitor
+
+    def effective_precision(self) -> str:
+        """The Lightning precision that really runs (FP16 AMP needs CUDA; on CPU it becomes BF16, with a notice)."""
+        typed = self.typed
+        precision = typed.quant.precision
+        uses_gpu = typed.trainer.accelerator in ("gpu", "cuda") or (
+            typed.trainer.accelerator == "auto" and torch.cuda.is_available()
+        )
+        if precision == "16-mixed" and not uses_gpu:
+            log.warning("quant=%s asks for FP16 mixed precision, which Lightning supports only on CUDA; this CPU run "
+                        "uses bf16-mixed instead (recorded as precision_effective in run.json).", typed.quant.name)
+            return "bf16-mixed"
+        return precision
+
+    def write_summary(self, **fields: Any) -> dict[str, Any]:
+        """``run.json``: what ran (names, versions, effective precision) and its final metrics."""
+        import lightning
+
+        typed = self.typed
+        summary = {
+            "run_name": typed.run_name,
+            "experiment": typed.experiment_name,
+            "mode": typed.mode,
+            "seed": typed.seed,
+            "model": typed.model.name,
+            "data": typed.data.name,
+            "quant": typed.quant.name,
+            "precision": typed.quant.precision,
+            "precision_effective": self.effective_precision(),
+            **fields,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "lightning": lightning.__version__},
+            "optim": asdict(typed.optim),
+        }
+        (self.output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Lightning's ``callback_metrics`` as plain floats (scalar tensors only)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+    return out

@@ -1,0 +1,6 @@
+"""What a job does, keyed by the top-level ``mode`` option: one function per mode, each taking the ``Job``."""
+from conf.registry import Registry
+
+MODES: Registry = Registry("mode")
+
+from trainers.modes import analyze, train  # noqa: E402,F401  (registers the modes)
