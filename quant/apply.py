@@ -31,7 +31,8 @@ class LayerDecision:
     input: str
     grad: str
     backward: str
-    reason: str  # why it stays high precision ("" when quantized)
+    reason: str  # why it stays high precision ("" when quantized); for a quantized row, why it is not on TE
+    backend: str = "-"  # who runs a quantized layer's GEMMs: "emulated" (quant's layers) or "te" (quant.te_backend)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ class QuantReport:
 
     def table(self) -> str:
         """A fixed-width text table with a header line (the policy) and a footer (counts)."""
-        header = ("module", "type", "shape", "weight", "input", "grad", "backward / why not")
+        header = ("module", "type", "shape", "weight", "input", "grad", "backend", "backward / why not")
         body = [
-            (r.name, r.type, "x".join(map(str, r.shape)), r.weight, r.input, r.grad,
-             r.backward if r.quantized else r.reason)
+            (r.name, r.type, "x".join(map(str, r.shape)), r.weight, r.input, r.grad, r.backend,
+             (f"{r.backward}; {r.reason}" if r.reason else r.backward) if r.quantized else r.reason)
             for r in self.rows
         ]
         widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header) - 1)]
@@ -255,4 +256,5 @@ def _row(name: str, module: nn.Module, roles: dict[str, str] | None, policy: Pol
         grad=roles["grad"],
         backward=policy.recipe.backward if quantized else "-",
         reason=reason,
+        backend="emulated" if quantized else "-",
     )

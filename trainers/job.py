@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ import quant
 import trainers
 from conf.errors import ConfigError
 from conf.schemas.root import RootConfig
+from quant import te_backend
 from trainers.loggers import build_loggers
+from trainers.precision import build_precision_plugin
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Job:
 
     cfg: DictConfig  # as composed (logged as the run's config)
     typed: RootConfig  # the same, validated into dataclasses
+    backend: te_backend.BackendChoice | None = field(default=None, init=False)  # set by apply_policy
+    te_recipe: object | None = field(default=None, init=False)  # TE's recipe when the TE backend runs the policy
 
     @property
     def output_dir(self) -> Path:
@@ -57,9 +61,22 @@ class Job:
         return models.build_model(self.typed.model, info)
 
     def apply_policy(self, model: nn.Module, policy: quant.Policy | None = None) -> quant.QuantReport:
-        """Quantize ``model`` in place with the job's policy (or ``policy``) and keep the report next to the run."""
-        policy = policy or self.typed.quant.to_policy()
-        report = quant.apply(model, policy)
+        """Quantize ``model`` in place with the job's policy (or ``policy``) on the backend ``quant.backend`` resolves
+        to (``quant.te_backend``; one logged line when ``auto`` falls back to the emulation), and keep the report
+        next to the run."""
+        qcfg = self.typed.quant
+        policy = policy or qcfg.to_policy()
+        self.backend = te_backend.resolve_backend(policy, qcfg.backend, precision=self.effective_precision(),
+                                                  fp8_recipe=qcfg.fp8_recipe,
+                                                  device="cuda" if self._uses_gpu() else "cpu")
+        if self.backend.notice():
+            log.warning("%s", self.backend.notice())
+        if self.backend.uses_te:
+            report = te_backend.apply(model, policy, qcfg.fp8_recipe)
+            self.te_recipe = te_backend.build_recipe(policy, qcfg.fp8_recipe)
+            log.info("Transformer Engine runs the TE rows of the policy with recipe %r", self.te_recipe)
+        else:
+            report = quant.apply(model, policy)
         (self.output_dir / "quant_report.txt").write_text(report.table() + "\n")
         log.info("Precision policy %s:\n%s", self.typed.quant.name, report.table())
         return report
@@ -83,8 +100,12 @@ class Job:
         callbacks = [*(callbacks or []), *([checkpoint] if checkpoint else [])]
         kwargs = self.typed.trainer.kwargs()
         kwargs["enable_checkpointing"] = kwargs["enable_checkpointing"] and checkpoint is not None
-        return L.Trainer(**kwargs, precision=self.effective_precision(), logger=loggers, callbacks=callbacks,
-                         default_root_dir=str(self.output_dir))
+        if self.te_recipe is None:
+            kwargs["precision"] = self.effective_precision()
+        else:  # TE backend: torch autocast + te.autocast(recipe) per step, FP32 masters (trainers/precision.py)
+            kwargs["plugins"] = [build_precision_plugin(self.te_recipe, self.effective_precision())]
+            kwargs["inference_mode"] = False  # quantizer state TE creates lazily must not become inference tensors
+        return L.Trainer(**kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(self.output_dir))
 
     def checkpoint_callback(self, task: L.LightningModule) -> ModelCheckpoint:
         return ModelCheckpoint(
@@ -104,14 +125,15 @@ class Job:
         """The Lightning precision that really runs (FP16 AMP needs CUDA; on CPU it becomes BF16, with a notice)."""
         typed = self.typed
         precision = typed.quant.precision
-        uses_gpu = typed.trainer.accelerator in ("gpu", "cuda") or (
-            typed.trainer.accelerator == "auto" and torch.cuda.is_available()
-        )
-        if precision == "16-mixed" and not uses_gpu:
+        if precision == "16-mixed" and not self._uses_gpu():
             log.warning("quant=%s asks for FP16 mixed precision, which Lightning supports only on CUDA; this CPU run "
                         "uses bf16-mixed instead (recorded as precision_effective in run.json).", typed.quant.name)
             return "bf16-mixed"
         return precision
+
+    def _uses_gpu(self) -> bool:
+        accelerator = self.typed.trainer.accelerator
+        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
     def write_summary(self, **fields: Any) -> dict[str, Any]:
         """``run.json``: what ran (names, versions, effective precision) and its final metrics."""
@@ -128,6 +150,8 @@ class Job:
             "quant": typed.quant.name,
             "precision": typed.quant.precision,
             "precision_effective": self.effective_precision(),
+            "quant_backend": self.backend.backend if self.backend else None,
+            "te_recipe": None if self.te_recipe is None else repr(self.te_recipe),
             **fields,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "lightning": lightning.__version__},

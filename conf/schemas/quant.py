@@ -6,10 +6,11 @@ frozen ``quant.Policy`` by ``to_policy()``. This mirror is mutable because Hydra
 validation of the policy itself lives in ``quant`` (``quant.Recipe``, ``quant.Policy``), and ``__post_init__`` builds
 the policy once so a bad value fails at composition time with ``ConfigError`` naming the ``quant.<field>``.
 
-``backend`` picks who runs the quantized GEMMs: ``emulated`` is ``quant``'s own layers (what runs today), ``te`` will
-be Transformer Engine's modules, ``auto`` TE where it can serve the policy and the emulation elsewhere. Only the
-choice is validated here; the selection logic belongs to the TE-backend work, so every value currently runs the
-emulation.
+``backend`` picks who runs the quantized GEMMs: ``emulated`` is ``quant``'s own layers, ``te`` Transformer Engine's
+modules (or a clear error with TE's reason), ``auto`` TE where it can serve the policy and the emulation elsewhere
+(``quant.te_backend.resolve_backend``, called by ``trainers.job``; see docs/te.md). ``fp8_recipe`` picks TE's FP8
+recipe for ``format=fp8``: ``current`` (Float8CurrentScaling, what the emulation implements), ``delayed``
+(DelayedScaling) or ``block`` (Float8BlockScaling); the last two run on TE only.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from conf.errors import ConfigError
 from conf.schemas.common import check_choice, store_schema
 from quant.policy import QUANTIZABLE_TYPES, default_recipe, formats
 from quant.recipe import BACKWARD_MODES
+from quant.te_backend import BACKENDS, FP8_RECIPES
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
-BACKENDS = ("auto", "emulated", "te")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class QuantConfig:
     precision: str = "32-true"
     format: str = "none"  # none | nvfp4 | mxfp4 | nf4 | int4 | fp8
     backend: str = "auto"
+    fp8_recipe: str = "current"  # format=fp8 on TE: delayed | current | block (the emulation implements current)
     # quant.Recipe (TE NVFP4BlockScaling); the three switches apply to nvfp4 only
     # full | dequantized | high_precision (TE backward_override None/"dequantized"/"high_precision");
     # null = the format's default (full for nvfp4 and fp8, dequantized for mxfp4, nf4, int4)
@@ -58,6 +60,14 @@ class QuantConfig:
         check_choice("quant", "precision", self.precision, PRECISIONS)
         check_choice("quant", "format", self.format, formats())
         check_choice("quant", "backend", self.backend, BACKENDS)
+        check_choice("quant", "fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        if self.fp8_recipe != "current" and self.format != "fp8":
+            raise ConfigError(f"quant.fp8_recipe={self.fp8_recipe} applies to quant.format=fp8 only (format="
+                              f"{self.format}); valid: current (the default)")
+        if self.fp8_recipe != "current" and self.backend == "emulated":
+            raise ConfigError(f"quant.fp8_recipe={self.fp8_recipe} runs on Transformer Engine only: the emulation "
+                              "implements per-tensor current scaling; valid: quant.fp8_recipe=current, or "
+                              "quant.backend=te|auto on a GPU with TE")
         if self.backward is not None:
             check_choice("quant", "backward", self.backward, BACKWARD_MODES)
         if self.format == "nvfp4" and self.precision == "16-mixed":

@@ -188,6 +188,7 @@ def test_report_table_and_rows():
     assert rows[1] == {
         "name": "stem.norm", "type": "GroupNorm", "shape": "16", "quantized": False, "format": "-", "weight": "-",
         "input": "-", "grad": "-", "backward": "-", "reason": "not a GEMM layer (GroupNorm): stays high precision",
+        "backend": "-",
     }
     down = next(r for r in rows if r["name"] == "downs.0.conv")
     assert down["shape"] == "32x16x3x3" and down["quantized"] and down["backward"] == "full"
