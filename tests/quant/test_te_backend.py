@@ -439,3 +439,21 @@ def test_precision_plugin_refuses_other_precisions():
     with pytest.raises(ConfigError, match="quant.precision='bf16-true' is not valid with quant.backend=te; valid "
                                           "choices: bf16-mixed, 16-mixed, 32-true"):
         build_precision_plugin(object(), "bf16-true")
+
+
+def test_main_with_backend_te_where_te_cannot_run_exits_2_with_the_reason_and_the_hint(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.tiny import overrides
+
+    args = [*overrides("resnet"), "quant=fp8", "quant.backend=te", "trainer.accelerator=cpu",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}"]
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert ("quant.backend=te cannot run format=fp8: the run is on cpu; Transformer Engine runs on CUDA GPUs "
+            "only") in output
+    assert "quant.backend=emulated" in output and "Traceback" not in output
