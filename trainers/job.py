@@ -70,7 +70,7 @@ class Job:
                                                   fp8_recipe=qcfg.fp8_recipe,
                                                   device="cuda" if self._uses_gpu() else "cpu")
         if self.backend.notice():
-            log.warning("%s", self.backend.notice())
+            log.info("%s", self.backend.notice())
         if self.backend.uses_te:
             report = te_backend.apply(model, policy, qcfg.fp8_recipe)
             self.te_recipe = te_backend.build_recipe(policy, qcfg.fp8_recipe)
