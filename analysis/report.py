@@ -50,6 +50,7 @@ class Job:
     monitor: str | None = None
     curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # key -> (steps, values)
     kurtosis: dict[str, Any] | None = None
+    stage: str = ""  # stage of a multi-stage study (mode=ptq_vs_qat): baseline, ptq, qat, packed
 
 
 def find_job_dirs(paths: Sequence[Path]) -> list[Path]:
@@ -102,11 +103,12 @@ def load_job(folder: Path) -> Job:
         raise DataError(f"report: {folder / 'run.json'} lacks {', '.join(missing)}; it was not written by fp4lab")
     kurtosis_files = sorted((folder / "plots" / "kurtosis").glob("*/kurtosis.json"))
     metrics = {k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))}
-    return Job(folder=folder, run_name=meta["run_name"], arm=meta["quant"], seed=int(meta["seed"]),
+    return Job(folder=folder, run_name=meta["run_name"], arm=meta.get("arm", meta["quant"]), seed=int(meta["seed"]),
                model=meta["model"], data=meta["data"], metrics=metrics,
                precision=meta.get("precision_effective", meta.get("precision", "")), monitor=meta.get("monitor"),
                curves=read_curves(folder / "csv" / "metrics.csv"),
-               kurtosis=json.loads(kurtosis_files[0].read_text()) if kurtosis_files else None)
+               kurtosis=json.loads(kurtosis_files[0].read_text()) if kurtosis_files else None,
+               stage=str(meta.get("stage") or ""))
 
 
 def pick_baseline(arms: Sequence[str], preference: Sequence[str]) -> str | None:
@@ -192,6 +194,93 @@ def kurtosis_chart(jobs: Sequence[Job], arms: Sequence[str]) -> render.Scatter |
 def _kurtosis_job(jobs: Sequence[Job], arm: str) -> Job | None:
     with_study = sorted((j for j in jobs if j.arm == arm and j.kurtosis), key=lambda j: j.seed)
     return with_study[0] if with_study else None
+
+
+# ------------------------------------------------------------------------------------------- PTQ vs QAT table
+STUDY_STAGES = {"baseline": "baseline", "ptq": "PTQ of the baseline (no training)",
+                "qat": "QAT fine-tune from the baseline", "packed": "QAT, packed 4-bit export (mode=eval)"}
+
+
+@dataclass
+class StudyTable:
+    """The stages of a ``mode=ptq_vs_qat`` study: one row per stage job, test metrics with gaps to the baseline."""
+
+    metrics: list[str]
+    rows: list[tuple[Job, dict[str, tuple[float, float | None]]]]  # job, metric -> (value, relative gap)
+    recovered: float | None  # share of the PTQ gap on the first metric that QAT closes
+
+
+def ptq_vs_qat_table(jobs: Sequence[Job]) -> StudyTable | None:
+    """Rows of the jobs tagged with a study stage (``run.json`` key ``stage``); None if there are none.
+
+    Metrics: the ``test/`` keys every stage logged, the test counterpart of the monitor first. Gap:
+    (stage - baseline) / |baseline|. Recovered: (QAT - PTQ) / (baseline - PTQ) on the first metric.
+    """
+    staged = sorted((j for j in jobs if j.stage in STUDY_STAGES),
+                    key=lambda j: (list(STUDY_STAGES).index(j.stage), j.seed))
+    if not staged:
+        return None
+    common = set.intersection(*(set(k for k in j.metrics if k.startswith("test/")) for j in staged))
+    monitors = [j.monitor.replace("val/", "test/") for j in staged if j.monitor]
+    first = [monitors[0]] if monitors and monitors[0] in common else []
+    metrics = first + sorted(common - set(first))
+    base = next((j for j in staged if j.stage == "baseline"), None)
+    rows = []
+    for job in staged:
+        cells = {}
+        for key in metrics:
+            ref = base.metrics[key] if base else None
+            gap = (job.metrics[key] - ref) / abs(ref) if ref else None
+            cells[key] = (job.metrics[key], gap)
+        rows.append((job, cells))
+    by_stage = {job.stage: cells for job, cells in rows}
+    recovered = None
+    if metrics and {"baseline", "ptq", "qat"} <= set(by_stage):
+        b, p, q = (by_stage[s][metrics[0]][0] for s in ("baseline", "ptq", "qat"))
+        recovered = (q - p) / (b - p) if b != p else None
+    return StudyTable(metrics=metrics, rows=rows, recovered=recovered)
+
+
+def _gap_text(gap: float | None) -> str:
+    return "" if gap is None else f" ({100 * gap:+.2f}%)"
+
+
+def ptq_vs_qat_markdown(jobs: Sequence[Job]) -> str:
+    """The study table as Markdown (what ``mode=ptq_vs_qat`` prints and writes to ``ptq_vs_qat.md``)."""
+    table = ptq_vs_qat_table(jobs)
+    if table is None:
+        return "no study stages (run.json key 'stage') in these jobs"
+    lines = ["| stage | arm | " + " | ".join(table.metrics) + " |", "|---|---|" + "---|" * len(table.metrics)]
+    for job, cells in table.rows:
+        values = " | ".join(f"{cells[k][0]:.4f}{_gap_text(cells[k][1]) if job.stage != 'baseline' else ''}"
+                            for k in table.metrics)
+        lines.append(f"| {STUDY_STAGES[job.stage]} | {job.arm} | {values} |")
+    if table.recovered is not None:
+        lines.append(f"\nQAT recovers {100 * table.recovered:.1f}% of the PTQ gap on {table.metrics[0]} "
+                     "(gap in parentheses: (stage - baseline) / |baseline|).")
+    return "\n".join(lines)
+
+
+def _ptq_vs_qat_html(jobs: Sequence[Job]) -> str:
+    table = ptq_vs_qat_table(jobs)
+    if table is None:
+        return ""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in table.metrics)
+    body = []
+    for job, cells in table.rows:
+        tds = []
+        for key in table.metrics:
+            value, gap = cells[key]
+            worse = gap is not None and gap != 0 and ((gap > 0) == _lower_is_better(key))
+            cls = "" if job.stage == "baseline" else ("bad" if worse else "good")
+            tds.append(f"<td class='{cls}'>{_fmt(value)}{'' if job.stage == 'baseline' else _gap_text(gap)}</td>")
+        body.append(f"<tr><td class='l'>{html.escape(STUDY_STAGES[job.stage])}</td><td class='l'>"
+                    f"{html.escape(job.arm)}</td>{''.join(tds)}</tr>")
+    note = (f"QAT recovers {100 * table.recovered:.1f}% of the PTQ gap on {html.escape(table.metrics[0])}. "
+            if table.recovered is not None else "")
+    return (f"<h3>PTQ vs QAT</h3><table class='study'><tr><th class='l'>stage</th><th class='l'>arm</th>{head}</tr>"
+            + "\n".join(body) + f"</table><p class='muted'>{note}Gap in parentheses: (stage - baseline) / "
+            "|baseline|, red where the stage is worse.</p>")
 
 
 # --------------------------------------------------------------------------------------------------------- HTML
@@ -312,6 +401,7 @@ def build_report(paths: Sequence[Path], out_dir: Path, baselines: Sequence[str] 
         sections.append(
             f"<h2>model={html.escape(model)} data={html.escape(data)}</h2><p>{base_text}; arms: "
             f"{', '.join(html.escape(a) for a in arms)}</p>"
+            f"{_ptq_vs_qat_html(group)}"
             f"<h3>Final metrics</h3>{_metrics_table(metric_rows(group, arms, baseline), arms, baseline)}"
             f"<p class='muted'>mean &plusmn; std over seeds; gap = (arm - baseline) / |baseline|, red where the arm "
             f"is worse</p><h3>Training and validation curves</h3><div class='figs'>{curves}</div>"

@@ -12,7 +12,7 @@ from omegaconf import MISSING
 
 from conf.schemas.common import check_choice, check_range, store_schema
 
-MODES = ("train", "test", "analyze", "ptq", "export", "eval")
+MODES = ("train", "test", "analyze", "ptq", "export", "eval", "ptq_vs_qat")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "linear")
 
@@ -61,6 +61,7 @@ class RootConfig:
     logger: Any = MISSING
     analysis: Any = None
     export: Any = None
+    study: Any = None  # multi-stage study settings (conf/study/*), read by mode=ptq_vs_qat
 
     def __post_init__(self) -> None:
         check_choice("", "mode", self.mode, MODES)

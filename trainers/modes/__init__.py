@@ -3,4 +3,4 @@ from conf.registry import Registry
 
 MODES: Registry = Registry("mode")
 
-from trainers.modes import analyze, train  # noqa: E402,F401  (registers the modes)
+from trainers.modes import analyze, eval, export, ptq, ptq_vs_qat, train  # noqa: E402,F401  (registers the modes)
