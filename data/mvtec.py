@@ -13,6 +13,7 @@ screw, zipper) are converted to RGB. A mask must match its image's size.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ class MvtecDataModule(BaseDataModule):
                         class_names=names, instances=False)
 
     def _build_split(self, split: str) -> MvtecDataset:
-        samples = limited(self._split_samples()[split], self.cfg.train_limit if split == "train" else self.cfg.val_limit)
+        limit = self.cfg.train_limit if split == "train" else self.cfg.val_limit
+        samples = limited(self._split_samples()[split], limit)
         nonempty(samples, f"{split} split of data=mvtec", self.cfg.root)
         transform = SegmentationTransform(
             size=self.cfg.image_size, train=split == "train", mean=tuple(self.cfg.mean), std=tuple(self.cfg.std),
@@ -145,7 +147,7 @@ class MvtecDataModule(BaseDataModule):
                     label = 1 if self.cfg.mask_mode == "binary" else label_of[f"{cat}/{defect}"]
                 group = [MvtecSample(p, None if defect == GOOD else _mask_path(root, cat, defect, p), label)
                          for p in _images(defect_dir)]
-                n_val = round(self.cfg.val_fraction * len(group))
+                n_val = math.floor(self.cfg.val_fraction * len(group) + 0.5)  # round half up
                 if len(group) >= 2 and self.cfg.val_fraction > 0:
                     n_val = min(max(n_val, 1), len(group) - 1)
                 order = rng.permutation(len(group))

@@ -123,6 +123,6 @@ class TextDataModule(BaseDataModule):
         count = TokenWindows.max_count(len(part), self.cfg.seq_len, stride)
         if count == 0:
             raise DataError(f"the {split} split of {self.corpus_path()} is empty: it has {len(part)} tokens but a "
-                            f"window needs data.seq_len + 1 = {self.cfg.seq_len + 1} (shorten seq_len or use more text)")
+                            f"window needs data.seq_len + 1 = {self.cfg.seq_len + 1} (shorten seq_len or add text)")
         limit = self.cfg.train_limit if split == "train" else self.cfg.val_limit
         return TokenWindows(part, self.cfg.seq_len, stride, count if limit is None else min(count, limit))

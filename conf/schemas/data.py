@@ -80,7 +80,9 @@ class SegmentationConfig(ImageDataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.train_scale) != 2 or not 0.0 < self.train_scale[0] <= self.train_scale[1]:
-            raise ConfigError(f"data.train_scale={self.train_scale} is not valid; expected [min, max] with 0 < min <= max")
+            raise ConfigError(
+                f"data.train_scale={self.train_scale} is not valid; expected [min, max] with 0 < min <= max"
+            )
 
 
 @dataclass
@@ -200,7 +202,7 @@ class Cifar10Config(ImageFolderConfig):
 @dataclass
 class ShapesClsConfig(ClassificationConfig):
     name: str = "shapes_cls"
-    batch_size: int = 64
+    batch_size: int = 32
     image_size: int = 32
     crop_padding: int = 2
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -247,7 +249,7 @@ class TextConfig(DataConfig):
     val_fraction: float = 0.1  # the last fraction of the token stream is the validation split
     train_stride: Optional[int] = None  # distance between training windows; None: seq_len (no overlap)
     corpus_seed: int = 0  # embedded corpus only
-    corpus_chars: int = 400_000  # embedded corpus only: approximate length in characters
+    corpus_chars: int = 300_000  # embedded corpus only: approximate length in characters
 
     def __post_init__(self) -> None:
         super().__post_init__()

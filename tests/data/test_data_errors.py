@@ -166,7 +166,8 @@ def test_imagefolder_layout_errors(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: CocoConfig(overlap_rule="paint"), "data.overlap_rule='paint' is not valid; valid choices: ignore, area_desc"),
+    (lambda: CocoConfig(overlap_rule="paint"), "data.overlap_rule='paint' is not valid; valid choices: ignore, "
+                                               "area_desc"),
     (lambda: CocoConfig(other_classes="drop"), "valid choices: background, ignore"),
     (lambda: CocoConfig(batch_size=0), r"data.batch_size=0 is out of range; valid range: \[1, inf\]"),
     (lambda: CocoConfig(class_subset=["car", "car"]), "lists a class twice"),

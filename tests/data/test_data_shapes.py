@@ -82,7 +82,8 @@ def test_loaded_through_the_coco_path_and_matching_annToMask(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert isinstance(dm.val_set, CocoSegmentationDataset)
-    assert dm.info.class_names == ("background", "circle", "triangle", "rectangle") and dm.info.category_ids == (1, 3, 5)
+    assert dm.info.class_names == ("background", "circle", "triangle", "rectangle")
+    assert dm.info.category_ids == (1, 3, 5)
     root = dm.dataset_root()
     coco = reference_coco(root / "annotations" / "instances_val2017.json")
     thing_of = {1: 0, 3: 1, 5: 2}
