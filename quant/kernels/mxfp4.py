@@ -16,11 +16,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, tile_shape
+from quant.kernels.nvfp4 import _storage_view, launch_options, tile_shape
 from quant.kernels.rounding import e2m1_code_value, e2m1_magnitude, e2m1_rne_index, exp2i, store_values
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
-_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -143,7 +142,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
         amax if codes is None else codes, amax if scales is None else scales, amax,
         RCEIL=scale_rule == "rceil", WRITE_CODES=write_codes, WRITE_VALUES=values is not None,
         OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
-        **_LAUNCH,
+        **launch_options(),
     )
     return codes, scales, values, amax
 
@@ -157,5 +156,5 @@ def decode_2d(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> T
     out = torch.empty(m, cols, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
     _mxfp4_decode_kernel[grid](codes, scales, _storage_view(out), m, cols, kp, OUT_BF16_BITS=dtype == torch.bfloat16,
-                               BM=bm, BK=bk, **_LAUNCH)
+                               BM=bm, BK=bk, **launch_options())
     return out

@@ -20,6 +20,8 @@ Inputs are 2-D views with arbitrary strides (a transposed view is read in place)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +43,32 @@ from quant.nvfp4 import BLOCK, E2M1_X_E4M3, INV_2688, INV_6
 
 FLT_MAX = numerics.FLT_MAX
 SIGN_MASK = sum(1 << i for i, s in enumerate(rht_transform.SIGN_VECTOR) if s < 0)  # bit i <=> s_i = -1
-_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Program tile and warps of every kernel in ``quant.kernels`` (memory-bound: ~4096 elements per program).
+
+    ``bench/kernel_throughput.py --sweep`` times alternatives; ``set_launch_config`` applies one process-wide."""
+
+    elements: int = 4096  # target BM * BK per program
+    max_bk: int = 128  # widest tile along the blocked dim (a power of two >= 32)
+    num_warps: int = 4
+
+
+_config = LaunchConfig()
+
+
+def set_launch_config(config: LaunchConfig) -> LaunchConfig:
+    """Use ``config`` for later launches; returns the previous one."""
+    global _config
+    previous, _config = _config, config
+    return previous
+
+
+def launch_options() -> dict[str, object]:
+    """Triton launch options: the configured warps, and no FMA contraction (each SPEC step is one rounding)."""
+    return {"num_warps": _config.num_warps, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -188,9 +215,10 @@ def _storage_view(out: Tensor) -> Tensor:
 
 
 def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
-    """Program tile (BM, BK): BK a power of two in [16, 128] covering short rows; about 4096 elements per program."""
-    bk = min(128, triton.next_power_of_2(padded_cols))
-    bm = max(16, min(4096 // bk, 256, triton.next_power_of_2(rows)))
+    """Program tile (BM, BK): BK a power of two in [16, max_bk] covering short rows, BM >= 16 (16x16 tiles), about
+    ``elements`` per program."""
+    bk = min(_config.max_bk, triton.next_power_of_2(padded_cols))
+    bm = max(16, min(_config.elements // bk, 256, triton.next_power_of_2(rows)))
     return bm, bk
 
 
@@ -201,7 +229,7 @@ def global_amax(x2d: Tensor, rht: bool) -> Tensor:
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, RHT=rht, SIGN_MASK=SIGN_MASK, BM=bm, BK=bk,
-                       **_LAUNCH)
+                       **launch_options())
     return amax
 
 
@@ -232,7 +260,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
         WRITE_VALUES=values is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
         E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
-        **_LAUNCH,
+        **launch_options(),
     )
     return codes, scales, values
 
@@ -246,7 +274,7 @@ def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: tor
     amax = amax.reshape(1).to(torch.float32)
     grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
     _decode_kernel[grid](codes, scales, amax, _storage_view(out), m, cols, kp, SCALED_CODES=scaled_codes,
-                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **_LAUNCH)
+                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options())
     return out
 
 
@@ -257,5 +285,5 @@ def rht_2d(x2d: Tensor) -> Tensor:
     out = torch.empty(m, k, dtype=torch.bfloat16, device=x2d.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK, BM=bm,
-                      BK=bk, **_LAUNCH)
+                      BK=bk, **launch_options())
     return out

@@ -525,10 +525,32 @@ class _PublicMXFP4:
 @pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
 @pytest.mark.parametrize("script", ["kernel_throughput", "train_step"])
 def test_bench_quick_smoke(script, tmp_path):
+    """``--quick`` end to end in a subprocess: kernel_throughput with the kernels in the Triton interpreter,
+    train_step on the tiny decoder (BF16 and NVFP4 full, eager and compiled blocks, graph-break check, profile)."""
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    if script == "kernel_throughput" and HAS_TRITON:
+        env["TRITON_INTERPRET"] = "1"
     run = subprocess.run([sys.executable, "-m", f"bench.{script}", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["rows"], result
+    timed = [row for row in result["rows"] if "timing" in row or "kernel" in row or "reference_eager" in row]
+    assert timed and all(row.get("bit_exact", True) for row in result["rows"]), result["rows"]
+    if script == "train_step":
+        assert {row["mode"] for row in timed} == {"bf16", "nvfp4-full"} and result["graph_breaks"] and result["profile"]
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
+@pytest.mark.parametrize("model", ["unet", "resnet50"])
+def test_bench_train_step_workloads_run_a_step(model):
+    """The other two workloads of bench/train_step (quick sizes): built by models.build_model, one quantized step."""
+    pytest.importorskip("omegaconf")
+    from bench import train_step
+
+    work = train_step.workloads(quick=True)[model]
+    built, report, blocks = train_step.build(work, "nvfp4-dequantized", torch.device("cpu"))
+    assert report.num_quantized > 0 and blocks
+    before = [p.detach().clone() for p in built.parameters()]
+    train_step.make_step(built, work, torch.device("cpu"))()
+    assert any(not torch.equal(b, p) for b, p in zip(before, built.parameters()))

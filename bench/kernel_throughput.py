@@ -1,0 +1,213 @@
+"""Throughput of the fused quantization kernels against a device-to-device copy and the PyTorch reference.
+
+For each variant (NVFP4 1x16 / 16x16 / SR / RHT / RHT+SR fake-quantize, NVFP4 quantize-to-codes and decode, MXFP4
+floor / rceil fake-quantize) on one large tensor per dtype, measured side by side in one run:
+
+* kernel time (median of CUDA-event timings after an L2 flush; 10th-90th percentile spread), effective bandwidth
+  = the fewest bytes the operation must move (input read once, output written once; the global-amax pass is not
+  counted, it is part of the cost) / time, and that bandwidth as a fraction of a ``copy_`` of the same tensor;
+* the reference (``quant.nvfp4`` / ``quant.mxfp4`` with the kernels disabled) in eager mode and under
+  ``torch.compile``, and the kernel's speed-up over each;
+* whether the kernel's bytes equal the reference's (round-to-nearest variants; SR is statistical).
+
+Usage (repository root): python -m bench.kernel_throughput [--rows 8192 --cols 4096] [--dtypes bfloat16,float32]
+  [--reps 50] [--no-compile] [--sweep] [--out results.json] [--quick]
+``--quick``: tiny CPU smoke run, bfloat16 only (kernels only with TRITON_INTERPRET=1; compile column with the eager
+backend). Imports only torch, triton and ``quant``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from bench.timing import Timing, environment, measure, table, write_json
+from quant import kernels, mxfp4, nvfp4
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    needs_bf16: bool
+    exact: bool  # deterministic output that must equal the reference
+    kernel: Callable[[Tensor], object]
+    reference: Callable[[Tensor], object]
+    bytes_moved: Callable[[Tensor], int]  # fewest bytes: input read + output written
+
+
+def _fake_quant_bytes(x: Tensor) -> int:
+    return 2 * x.numel() * x.element_size()
+
+
+def _codes_bytes(x: Tensor) -> int:
+    return x.numel() * x.element_size() + x.numel() // 2 + x.numel() // 16
+
+
+def variants(kernel_ops, generator: torch.Generator) -> list[Variant]:
+    """The measured operations; ``kernel_ops`` is ``quant.kernels.ops`` (None: only the reference columns run)."""
+    def nv(**kw):
+        return (lambda x: kernel_ops.nvfp4_fake_quantize(x, generator=generator, **kw),
+                lambda x: nvfp4.fake_quantize(x, generator=generator, **kw))
+
+    def mx(rule):
+        return lambda x: kernel_ops.mxfp4_fake_quantize(x, rule), lambda x: mxfp4.fake_quantize(x, rule)
+
+    kernel_codes: dict[int, nvfp4.NVFP4Tensor] = {}  # quantized once per input, outside the timed decode
+    reference_codes: dict[int, nvfp4.NVFP4Tensor] = {}
+
+    def decode_kernel(x: Tensor) -> Tensor:
+        if id(x) not in kernel_codes:
+            kernel_codes[id(x)] = kernel_ops.nvfp4_quantize(x)
+        return kernel_ops.nvfp4_dequantize(kernel_codes[id(x)], x.dtype)
+
+    def decode_reference(x: Tensor) -> Tensor:
+        if id(x) not in reference_codes:
+            reference_codes[id(x)] = nvfp4.quantize(x)
+        return nvfp4.dequantize(reference_codes[id(x)], x.dtype)
+
+    return [
+        Variant("nvfp4 1x16 fake-quant", False, True, *nv(), _fake_quant_bytes),
+        Variant("nvfp4 16x16 fake-quant", False, True, *nv(tile=(16, 16)), _fake_quant_bytes),
+        Variant("nvfp4 1x16 SR fake-quant", False, False, *nv(stochastic=True), _fake_quant_bytes),
+        Variant("nvfp4 1x16 RHT fake-quant", True, True, *nv(rht=True), _fake_quant_bytes),
+        Variant("nvfp4 RHT+SR fake-quant", True, False, *nv(rht=True, stochastic=True), _fake_quant_bytes),
+        Variant("nvfp4 quantize (codes)", False, True, lambda x: kernel_ops.nvfp4_quantize(x), nvfp4.quantize,
+                _codes_bytes),
+        Variant("nvfp4 dequantize", False, True, decode_kernel, decode_reference, _codes_bytes),
+        Variant("mxfp4 floor fake-quant", False, True, *mx("floor"), _fake_quant_bytes),
+        Variant("mxfp4 rceil fake-quant", False, True, *mx("rceil"), _fake_quant_bytes),
+    ]
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, nvfp4.NVFP4Tensor):
+        return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("codes", "scales")) and torch.equal(
+            a.amax.reshape(()), b.amax.reshape(()))
+    return torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                       b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+def _ms(t: Timing | None) -> str | None:
+    return None if t is None else f"{t.median_ms:.3f}"
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    kernel_ops = kernels.load() if (device.type == "cuda" or interpreted) else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    results: list[dict[str, object]] = []
+    copies: dict[str, dict[str, object]] = {}
+    for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
+        x = torch.randn(args.rows, args.cols, device=device).to(dtype)
+        copy_out = torch.empty_like(x)
+        copy = measure(lambda: copy_out.copy_(x), device, args.warmup, args.reps)
+        copy_gbps = _fake_quant_bytes(x) / copy.median_ms / 1e6
+        copies[str(dtype)] = {"timing": copy, "GBps": copy_gbps}
+        for variant in variants(kernel_ops, generator):
+            if variant.needs_bf16 and dtype != torch.bfloat16:
+                continue
+            row: dict[str, object] = {"variant": variant.name, "dtype": str(dtype).removeprefix("torch."),
+                                      "shape": [args.rows, args.cols], "copy_ms": copy.median_ms}
+            if kernel_ops is not None:
+                kernel_t = measure(lambda: variant.kernel(x), device, args.warmup, args.reps)
+                gbps = variant.bytes_moved(x) / kernel_t.median_ms / 1e6
+                row.update(kernel=kernel_t, GBps=gbps, copy_fraction=gbps / copy_gbps)
+            with kernels.disabled():
+                row["reference_eager"] = measure(lambda: variant.reference(x), device, args.warmup_ref, args.reps_ref)
+                if args.compile:
+                    compiled = torch.compile(variant.reference, backend=args.compile_backend)
+                    row["reference_compiled"] = measure(lambda: compiled(x), device, args.warmup_ref, args.reps_ref)
+                reference_out = variant.reference(x) if (variant.exact and kernel_ops is not None) else None
+            if reference_out is not None:
+                row["bit_exact"] = _same(variant.kernel(x), reference_out)
+            for key in ("reference_eager", "reference_compiled"):
+                if kernel_ops is not None and key in row:
+                    row[f"speedup_vs_{key.removeprefix('reference_')}"] = row[key].median_ms / row["kernel"].median_ms
+            results.append(row)
+    sweep = run_sweep(args, device, kernel_ops) if args.sweep and kernel_ops is not None else []
+    return {"environment": environment(device), "copies": copies, "rows": results, "sweep": sweep,
+            "launch_config": str(_launch_config())}
+
+
+def _launch_config():
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    return nvfp4_kernels._config
+
+
+def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> list[dict[str, object]]:
+    """Time the main fake-quantize variants under several launch configurations (tile size, warps)."""
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    rows = []
+    configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps)
+               for elements in (2048, 4096, 8192) for max_bk in (64, 128) for warps in (4, 8)]
+    x = torch.randn(args.rows, args.cols, device=device, dtype=torch.bfloat16)
+    cases = {"nvfp4 1x16": {}, "nvfp4 RHT": {"rht": True}, "nvfp4 16x16": {"tile": (16, 16)}}
+    for config in configs:
+        previous = nvfp4_kernels.set_launch_config(config)
+        try:
+            for name, kw in cases.items():
+                t = measure(lambda: kernel_ops.nvfp4_fake_quantize(x, **kw), device, args.warmup, args.reps)
+                rows.append({"case": name, "config": str(config), "timing": t})
+        finally:
+            nvfp4_kernels.set_launch_config(previous)
+    return rows
+
+
+def report(result: dict[str, object]) -> str:
+    env = result["environment"]
+    lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
+    for dtype, copy in result["copies"].items():
+        lines.append(f"copy {dtype}: {copy['timing'].median_ms:.3f} ms ({copy['GBps']:.0f} GB/s read+write)")
+    header = ["variant", "dtype", "kernel ms", "p10-p90", "GB/s", "% copy", "ref eager", "ref compiled",
+              "x eager", "x compiled", "exact"]
+    rows = []
+    for r in result["rows"]:
+        k = r.get("kernel")
+        rows.append([r["variant"], r["dtype"], _ms(k), k.spread() if k else None,
+                     f"{r['GBps']:.0f}" if "GBps" in r else None,
+                     f"{100 * r['copy_fraction']:.0f}%" if "copy_fraction" in r else None,
+                     _ms(r.get("reference_eager")), _ms(r.get("reference_compiled")),
+                     f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else None,
+                     f"{r['speedup_vs_compiled']:.1f}" if "speedup_vs_compiled" in r else None,
+                     r.get("bit_exact")])
+    lines.append(table(header, rows))
+    if result["sweep"]:
+        lines.append("launch-config sweep (bfloat16):")
+        lines.append(table(["case", "config", "ms", "p10-p90"],
+                           [[s["case"], s["config"], _ms(s["timing"]), s["timing"].spread()] for s in result["sweep"]]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--warmup-ref", type=int, default=3)
+    parser.add_argument("--reps-ref", type=int, default=15)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile column")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--sweep", action="store_true", help="also time several kernel launch configurations")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run: 64x128, 2 repetitions")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.cols, args.warmup, args.reps, args.warmup_ref, args.reps_ref = 64, 128, 1, 2, 1, 2
+        args.compile_backend, args.dtypes = "eager", "bfloat16"
+        torch.set_num_threads(1)
+    result = run(args)
+    print(report(result))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Timing and report helpers shared by the benchmarks (device tool METHOD.md: warm-up, device events, medians, spread).
+
+Why one place: every number the benches print must be measured the same way. On CUDA each repetition is bracketed by
+CUDA events, after an L2 flush (a 256 MiB write, outside the timed region) so a tensor is never timed out of the cache
+of its previous repetition; on CPU a monotonic clock is used. Results are medians with the 10th/90th percentiles.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_FLUSH_BYTES = 256 << 20
+_flush_buffer: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    reps: int
+
+    def spread(self) -> str:
+        return f"{self.p10_ms:.3f}-{self.p90_ms:.3f}"
+
+
+def _flush_l2(device: torch.device) -> None:
+    global _flush_buffer
+    if _flush_buffer is None or _flush_buffer.device != device:
+        _flush_buffer = torch.empty(_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    _flush_buffer.zero_()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, reps: int, flush: bool = True) -> Timing:
+    """Median (and 10th/90th percentiles) of ``reps`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = []
+        for _ in range(reps):
+            if flush:
+                _flush_l2(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return Timing(statistics.median(times), _percentile(times, 0.1), _percentile(times, 0.9), reps)
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """What produced the numbers: device, versions, date, command line."""
+    info: dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, cuda=torch.version.cuda, sm_count=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def write_json(path: str | None, payload: dict[str, object]) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2, default=_jsonable))
+        print(f"wrote {out}")
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Timing):
+        return asdict(value)
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """Fixed-width text table."""
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""Training-step time of the shipped models, BF16 against each emulated NVFP4 mode, eager and with compiled blocks.
+
+What is measured: one optimizer step (zero_grad, BF16-autocast forward, loss, backward, AdamW step) on a fixed random
+batch already on the device, for models built by ``models.build_model`` from the schema dataclasses and quantized by
+``quant.apply`` (so the numbers are the shipped code's, including the Triton kernels on CUDA):
+
+* ``decoder``: the 12-layer Llama decoder of issue 6, d_model 1024, 16 heads, SwiGLU 2816, seq 1024, batch 8;
+* ``resnet50``: torchvision ResNet-50, 224x224, 1000 classes, batch 32;
+* ``unet``: the GroupNorm UNet with the query mask head (default width), 256x256, 81 classes, batch 16.
+
+Modes: ``bf16`` (no quantization) and ``nvfp4-<backward>`` for ``dequantized``, ``full`` and ``high_precision``
+(``quant.Recipe.backward``; TE's default recipe otherwise: 16x16 weights, SR on dY, RHT on the wgrad operands; the
+model's own high-precision layers, e.g. embeddings and stems, stay BF16). Each mode runs eager and with each block
+(``quant.find_blocks``) compiled by ``torch.compile``. Times are medians of CUDA-event timings over ``--steps`` steps
+after ``--warmup`` steps (compilation happens there), with the 10th-90th percentile spread; ratios are against the
+BF16 step of the same compile setting, measured in the same run.
+
+``--check-graph-breaks`` prints ``torch._dynamo.explain`` of the first quantized block's forward (graphs, breaks and
+their reasons); ``--profile`` records the top CUDA kernels of a few steps of one model/mode; ``--quick`` is a tiny
+CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hence omegaconf and hydra-core, for the
+config schemas) and ``transformers`` (decoder).
+
+Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-dequantized,...]
+  [--compile eager,blocks] [--steps 10] [--time-limit 300] [--check-graph-breaks] [--profile decoder:nvfp4-full]
+  [--out results.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import quant
+from bench.timing import Timing, environment, measure, table, write_json
+from conf.schemas.model import LLMConfig, ResNetConfig, UNetConfig
+from data.info import DataInfo
+from models import build_model
+
+MODES = ("bf16", "nvfp4-dequantized", "nvfp4-full", "nvfp4-high_precision")
+COMPILE_SETTINGS = ("eager", "blocks")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model config, the data facts it is built for, and a batch maker + loss for one step."""
+
+    name: str
+    config: object
+    info: DataInfo
+    batch: Callable[[torch.device], tuple[Tensor, Tensor]]  # (input, target)
+    loss: Callable[[object, Tensor], Tensor]
+
+
+def _images(batch: int, size: int, classes: int, dense: bool):
+    def make(device: torch.device) -> tuple[Tensor, Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        images = torch.randn(batch, 3, size, size, device=device, generator=g)
+        shape = (batch, size, size) if dense else (batch,)
+        return images, torch.randint(0, classes, shape, device=device, generator=g)
+
+    return make
+
+
+def _tokens(batch: int, seq: int, vocab: int):
+    def make(device: torch.device) -> tuple[Tensor, Tensor]:
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=g)
+        return ids[:, :-1], ids[:, 1:]
+
+    return make
+
+
+def _segmentation_loss(out: dict, target: Tensor) -> Tensor:
+    """Semantic CE plus a small term on each instance output, so every head is in the backward pass."""
+    loss = F.cross_entropy(out["semantic"].float(), target)
+    if "instance" in out:
+        loss = loss + 1e-3 * sum(v.float().pow(2).mean() for v in out["instance"].values())
+    return loss
+
+
+def _lm_loss(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    if quick:
+        return {
+            "decoder": Workload("decoder", LLMConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                                                     intermediate_size=64, max_seq_len=16),
+                                DataInfo(task="lm", vocab_size=64, seq_len=16, ignore_index=-100),
+                                _tokens(1, 16, 64), _lm_loss),
+            "resnet50": Workload("resnet50", ResNetConfig(arch="resnet18", small_stem=True),
+                                 DataInfo(task="classification", num_classes=10, image_size=(8, 8)),
+                                 _images(2, 8, 10, dense=False), lambda out, t: F.cross_entropy(out.float(), t)),
+            "unet": Workload("unet", UNetConfig(depth=2, num_queries=4, query_dim=16),
+                             DataInfo(task="segmentation", num_classes=5, image_size=(16, 16), instances=True),
+                             _images(1, 16, 5, dense=True), _segmentation_loss),
+        }
+    return {
+        "decoder": Workload("decoder", LLMConfig(d_model=1024, n_layers=12, n_heads=16, n_kv_heads=16,
+                                                 intermediate_size=2816, max_seq_len=1024),
+                            DataInfo(task="lm", vocab_size=50304, seq_len=1024, ignore_index=-100),
+                            _tokens(8, 1024, 50304), _lm_loss),
+        "resnet50": Workload("resnet50", ResNetConfig(arch="resnet50", small_stem=False),
+                             DataInfo(task="classification", num_classes=1000, image_size=(224, 224)),
+                             _images(32, 224, 1000, dense=False), lambda out, t: F.cross_entropy(out.float(), t)),
+        "unet": Workload("unet", UNetConfig(),
+                         DataInfo(task="segmentation", num_classes=81, image_size=(256, 256), instances=True),
+                         _images(16, 256, 81, dense=True), _segmentation_loss),
+    }
+
+
+def build(work: Workload, mode: str, device: torch.device
+          ) -> tuple[nn.Module, quant.QuantReport | None, tuple[str, ...]]:
+    """The model on ``device``, quantized for ``mode``; its quant report; its block names (found before the swap:
+    ``quant.find_blocks`` auto-detects blocks by their plain nn GEMM layers)."""
+    torch.manual_seed(0)
+    model = build_model(work.config, work.info).to(device)
+    blocks = quant.find_blocks(model)
+    report = None
+    if mode != "bf16":
+        backward = mode.removeprefix("nvfp4-")
+        report = quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    return model, report, blocks
+
+
+def compile_blocks(model: nn.Module, blocks: tuple[str, ...], backend: str) -> int:
+    """torch.compile each block of the model in place (the issue's "compiled blocks" setting); returns their count."""
+    modules = dict(model.named_modules())
+    for name in blocks:
+        modules[name].compile(backend=backend)
+    return len(blocks)
+
+
+def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callable[[], None]:
+    inputs, target = work.batch(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(inputs)
+        work.loss(out, target).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespace, device: torch.device
+                ) -> dict[str, object]:
+    model, report, blocks = build(work, mode, device)
+    row: dict[str, object] = {"model": work.name, "mode": mode, "compile": setting,
+                              "quantized_layers": None if report is None else report.num_quantized}
+    if setting == "blocks":
+        row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
+    step = make_step(model, work, device)
+    begin = time.perf_counter()
+    step()  # first step: compilation, lazy generator creation
+    row["first_step_s"] = time.perf_counter() - begin
+    row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if mode != "bf16":
+        from quant.kernels import checks
+
+        checks.raise_pending(wait=True)  # a NaN/Inf in any quantized tensor fails the run here
+    del model, step
+    _release(device)
+    return row
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def graph_breaks(work: Workload, mode: str, device: torch.device) -> dict[str, object]:
+    """``torch._dynamo.explain`` of the first block that holds a quantized layer, forward under BF16 autocast."""
+    model, report, blocks = build(work, mode, device)
+    modules = dict(model.named_modules())
+    quantized = set(report.quantized_names()) if report else set()
+    block_name = next((b for b in blocks if any(q.startswith(f"{b}.") for q in quantized)), None)
+    if block_name is None:
+        return {"model": work.name, "mode": mode, "block": None}
+    block = modules[block_name]
+    captured: dict[str, tuple] = {}
+    hook = block.register_forward_pre_hook(lambda m, a, kw: captured.setdefault("in", (a, kw)), with_kwargs=True)
+    inputs, _ = work.batch(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model(inputs)
+    hook.remove()
+    block_args, block_kwargs = captured["in"]
+
+    def forward(*a, **kw):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return block(*a, **kw)
+
+    explanation = torch._dynamo.explain(forward)(*block_args, **block_kwargs)
+    reasons = Counter(str(r.reason).splitlines()[0][:200] for r in explanation.break_reasons)
+    del model
+    _release(device)
+    return {"model": work.name, "mode": mode, "block": block_name, "graphs": explanation.graph_count,
+            "graph_breaks": explanation.graph_break_count, "reasons": dict(reasons)}
+
+
+def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> list[dict[str, object]]:
+    """Top CUDA kernels (self device time) over a few eager steps of one model/mode."""
+    model, _, _ = build(work, mode, device)
+    step = make_step(model, work, device)
+    for _ in range(2):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:20]
+    del model, step
+    _release(device)
+    return [{"name": e.key[:90], "calls": e.count, "ms_per_step": getattr(e, sort_key) / 1e3 / steps}
+            for e in events]
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    works = workloads(args.quick)
+    deadline = time.perf_counter() + args.time_limit
+    rows: list[dict[str, object]] = []
+    for name in args.models.split(","):
+        for setting in args.compile.split(","):
+            for mode in args.modes.split(","):
+                if time.perf_counter() > deadline:
+                    rows.append({"model": name, "mode": mode, "compile": setting, "skipped": "time limit"})
+                    continue
+                print(f"... {name} {mode} {setting}", flush=True)
+                rows.append(time_config(works[name], mode, setting, args, device))
+    _add_ratios(rows)
+    result: dict[str, object] = {"environment": environment(device), "rows": rows,
+                                 "settings": {k: v for k, v in vars(args).items()}}
+    if args.check_graph_breaks:
+        result["graph_breaks"] = [graph_breaks(works[name], mode, device) for name in args.models.split(",")
+                                  for mode in args.modes.split(",") if mode != "bf16"]
+    if args.profile:
+        result["profile"] = {}
+        for spec in args.profile.split(","):
+            name, mode = spec.split(":")
+            result["profile"][spec] = profile(works[name], mode, device)
+    return result
+
+
+def _add_ratios(rows: list[dict[str, object]]) -> None:
+    base = {(r["model"], r["compile"]): r["timing"].median_ms for r in rows if r.get("mode") == "bf16" and "timing" in r}
+    eager = {r["model"]: r["timing"].median_ms for r in rows if r.get("mode") == "bf16" and r.get("compile") == "eager"
+             and "timing" in r}
+    for r in rows:
+        if "timing" in r and (r["model"], r["compile"]) in base:
+            r["ratio_vs_bf16_same_compile"] = r["timing"].median_ms / base[(r["model"], r["compile"])]
+        if "timing" in r and r["model"] in eager:
+            r["ratio_vs_bf16_eager"] = r["timing"].median_ms / eager[r["model"]]
+
+
+def report(result: dict[str, object]) -> str:
+    env = result["environment"]
+    lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
+    header = ["model", "mode", "compile", "ms/step", "p10-p90", "vs bf16 (same)", "vs bf16 eager", "1st step s",
+              "peak GiB", "quantized"]
+    rows = []
+    for r in result["rows"]:
+        if "skipped" in r:
+            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 6)
+            continue
+        t: Timing = r["timing"]
+        rows.append([r["model"], r["mode"], r["compile"], f"{t.median_ms:.2f}", t.spread(),
+                     _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"), _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
+                     f"{r['first_step_s']:.1f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"), r["quantized_layers"]])
+    lines.append(table(header, rows))
+    for g in result.get("graph_breaks", []):
+        lines.append(f"graph breaks {g['model']} {g['mode']} block {g['block']}: graphs={g.get('graphs')} "
+                     f"breaks={g.get('graph_breaks')}")
+        lines += [f"    {count}x {reason}" for reason, count in g.get("reasons", {}).items()]
+    for spec, kernels_top in result.get("profile", {}).items():
+        lines.append(f"profile {spec} (top kernels, ms per step):")
+        lines.append(table(["kernel", "calls", "ms/step"],
+                           [[k["name"], k["calls"], f"{k['ms_per_step']:.3f}"] for k in kernels_top[:15]]))
+    return "\n".join(lines)
+
+
+def _fmt(value: object, pattern: str) -> str | None:
+    return None if value is None else pattern.format(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="default: decoder,resnet50,unet (--quick: decoder)")
+    parser.add_argument("--modes", default=None, help=f"default: {','.join(MODES)} (--quick: bf16,nvfp4-full)")
+    parser.add_argument("--compile", default=",".join(COMPILE_SETTINGS), help="eager and/or blocks")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--time-limit", type=float, default=1e9, help="seconds; later configurations are skipped")
+    parser.add_argument("--check-graph-breaks", action="store_true")
+    parser.add_argument("--profile", default="", help="comma list of model:mode, e.g. decoder:nvfp4-full")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run: small models, 2 steps")
+    args = parser.parse_args()
+    if args.models is None:
+        args.models = "decoder" if args.quick else "decoder,resnet50,unet"
+    if args.modes is None:
+        args.modes = "bf16,nvfp4-full" if args.quick else ",".join(MODES)
+    for value, valid, flag in ((args.models, workloads(True), "--models"), (args.modes, MODES, "--modes"),
+                               (args.compile, COMPILE_SETTINGS, "--compile")):
+        bad = [v for v in value.split(",") if v not in valid]
+        if bad:
+            parser.error(f"{flag}: {bad} not valid; valid choices: {', '.join(valid)}")
+    if args.quick:  # every code path once, small enough for a CPU test: resnet18 stands in for resnet50
+        args.warmup, args.steps, args.compile_backend = 0, 2, "eager"
+        torch.set_num_threads(1)
+        args.check_graph_breaks = True
+        args.profile = args.profile or f"{args.models.split(',')[0]}:nvfp4-full"
+    result = run(args)
+    print(report(result))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
