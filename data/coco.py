@@ -27,7 +27,7 @@ from data.images import read_image
 from data.info import DataInfo
 from data.registry import DATAMODULES
 from data.sampling import resolve_key
-from data.transforms import IGNORE_INDEX, SegmentationTransform, masks_to_boxes
+from data.transforms import IGNORE_INDEX, SegmentationTransform, masks_to_boxes, single_threaded
 
 LAYOUT = "annotations/instances_<split>.json and <split>/ image folders"
 
@@ -57,6 +57,7 @@ class CocoSegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @single_threaded
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, rng = resolve_key(key, self.base_seed)
         record = self.images[index]
@@ -79,6 +80,7 @@ class CocoSegmentationDataset(Dataset):
         return out
 
 
+@single_threaded
 def collate_segmentation(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images and maps; instance targets stay a list (their counts differ per image)."""
     batch = {

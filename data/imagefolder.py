@@ -28,7 +28,7 @@ from data.images import decode_image, read_bytes
 from data.info import DataInfo
 from data.registry import DATAMODULES
 from data.sampling import resolve_key
-from data.transforms import ClassificationTransform
+from data.transforms import ClassificationTransform, single_threaded
 
 LAYOUT = "<split>/<class>/<image> folders, a .zip with that layout, or a folder holding one such .zip"
 
@@ -121,6 +121,7 @@ class ImageClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @single_threaded
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, rng = resolve_key(key, self.base_seed)
         name, label = self.samples[index]

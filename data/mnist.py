@@ -21,7 +21,7 @@ from data.base import BaseDataModule, require_root
 from data.info import DataInfo
 from data.registry import DATAMODULES
 from data.sampling import resolve_key
-from data.transforms import ClassificationTransform
+from data.transforms import ClassificationTransform, single_threaded
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -69,6 +69,7 @@ class MnistDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @single_threaded
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, rng = resolve_key(key, self.base_seed)
         return {"image": self.transform(self.images[index][:, :, None], rng), "label": self.labels[index]}

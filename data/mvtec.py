@@ -30,7 +30,7 @@ from data.images import read_image
 from data.info import DataInfo
 from data.registry import DATAMODULES
 from data.sampling import resolve_key
-from data.transforms import IGNORE_INDEX, SegmentationTransform
+from data.transforms import IGNORE_INDEX, SegmentationTransform, single_threaded
 
 LAYOUT = "<category>/train/good/*.png, <category>/test/<defect>/*.png, <category>/ground_truth/<defect>/*_mask.png"
 GOOD = "good"
@@ -55,6 +55,7 @@ class MvtecDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @single_threaded
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, rng = resolve_key(key, self.base_seed)
         sample = self.samples[index]
