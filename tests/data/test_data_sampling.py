@@ -67,3 +67,23 @@ def test_lightning_sets_the_epoch_and_runs_repeat(tmp_path):
     epoch1 = [ids for epoch, ids in seen if epoch == 1]
     assert len(epoch0) == len(epoch1) == 3 and epoch0 != epoch1  # Lightning called set_epoch
     assert seen == fit_ids(tmp_path, seed=0)
+
+
+def test_single_threaded_restores_the_thread_count():
+    from data.transforms import single_threaded
+
+    @single_threaded
+    def inside(fail: bool) -> int:
+        if fail:
+            raise ValueError("boom")
+        return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert inside(False) == 1 and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            inside(True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
