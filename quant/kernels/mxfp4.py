@@ -5,9 +5,8 @@ the shared exponent from its bits (floor: floor(log2 amax) - 2; rceil: ceil(log2
 [-127, 127], -127 for an all-zero block), y = x * 2^-e (exact), E2M1 RNE with saturation, and e2m1 * 2^e in float32 for
 the dequantized values. The exponents are read from the float32 bit pattern, with float32 subnormals first scaled by
 2^64 (exact), so no ``log2`` rounding enters; ``amax / 6`` is a correctly rounded ``tl.div_rn``.
-Every program also folds its block maxima into a float32 cell with ``atomic_max`` (NaN as +inf), which
-``quant.kernels.checks`` reads for the NaN/Inf check; a block holding NaN/Inf gets the E8M0 NaN byte 0xFF and NaN
-values.
+A program that meets NaN/Inf leaves the call's ticket in the device's check flag (``quant.kernels.checks``); such a
+block gets the E8M0 NaN byte 0xFF and NaN values.
 """
 from __future__ import annotations
 
@@ -45,10 +44,11 @@ def _exp2i_wide(k):
     return tl.where(k >= -126, exp2i(tl.maximum(k, -126)), subnormal)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ticket"])
 def _mxfp4_kernel(
     x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K]; KP = K rounded up to 32
-    out_ptr, codes_ptr, scales_ptr, amax_ptr,  # values [M, K]; uint8 [M, KP/2]; uint8 [M, KP/32]; float32 [1]
+    out_ptr, codes_ptr, scales_ptr,  # values [M, K]; uint8 [M, KP/2]; uint8 [M, KP/32]
+    flag_ptr, ticket,  # int64 [1] check flag and this call's ticket (quant.kernels.checks)
     RCEIL: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
@@ -64,7 +64,7 @@ def _mxfp4_kernel(
     block_amax = tl.max(tl.abs(blocks), axis=2)  # [BM, NB]; NaN handled through `finite` below
     finite = tl.max(tl.where(blocks != blocks, float("inf"), tl.abs(blocks)), axis=2)  # +inf iff NaN/Inf in block
     poisoned = finite > 3.4028234663852886e38
-    tl.atomic_max(amax_ptr, tl.max(tl.max(finite, axis=1), axis=0))
+    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tl.max(tl.max(finite, axis=1), axis=0) > 3.4028234663852886e38)
 
     positive = block_amax > 0.0
     safe_amax = tl.where(positive & (finite <= 3.4028234663852886e38), block_amax, 1.0)
@@ -118,33 +118,31 @@ def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS
                  OUT_BF16_BITS)
 
 
-def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: torch.dtype | None
-                ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: torch.dtype | None, flag: Tensor,
+                ticket: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """x2d [M, K] -> (codes uint8 [M, KP/2], E8M0 bytes [M, KP/32]) if ``write_codes``, values [M, K] in
-    ``values_dtype`` if given, and the non-finite flag cell (float32 [1], +inf iff x holds NaN/Inf)."""
+    ``values_dtype`` if given; a NaN/Inf in x leaves ``ticket`` in the int64 ``flag`` (``quant.kernels.checks``)."""
     if scale_rule not in SCALE_RULES:
         raise ValueError(f"scale_rule={scale_rule!r}; valid: {SCALE_RULES}")
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
     bm, bk = tile_shape(m, kp)
-    bk = max(bk, BLOCK)
     device = x2d.device
-    amax = torch.zeros(1, dtype=torch.float32, device=device)
     codes = scales = values = None
     if write_codes:
         codes = torch.empty(m, kp // 2, dtype=torch.uint8, device=device)
         scales = torch.empty(m, kp // BLOCK, dtype=torch.uint8, device=device)
     if values_dtype is not None:
         values = torch.empty(m, k, dtype=values_dtype, device=device)
+    placeholder = flag  # pointers of outputs that are not written are never dereferenced
     grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
     _mxfp4_kernel[grid](
-        x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax if values is None else _storage_view(values),
-        amax if codes is None else codes, amax if scales is None else scales, amax,
+        x2d, x2d.stride(0), x2d.stride(1), m, k, kp, placeholder if values is None else _storage_view(values),
+        placeholder if codes is None else codes, placeholder if scales is None else scales, flag, ticket,
         RCEIL=scale_rule == "rceil", WRITE_CODES=write_codes, WRITE_VALUES=values is not None,
-        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
-        **launch_options(),
+        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options(),
     )
-    return codes, scales, values, amax
+    return codes, scales, values
 
 
 def decode_2d(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> Tensor:

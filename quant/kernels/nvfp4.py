@@ -5,7 +5,8 @@ a fake-quantize of an 8192x4096 BF16 tensor moves many times the bytes it must. 
 of the input after a separate global-amax reduction (the amax must be known before any block scale, SPEC 1.2 step 1):
 
 * ``_amax_kernel``: max |x| (of the RHT'ed tensor when ``RHT``) into a float32 cell with ``atomic_max``. NaN counts as
-  +inf, so the amax is +inf iff the tensor holds a non-finite value ("poisoned", see ``quant.kernels.checks``).
+  +inf, so the amax is +inf iff the tensor holds a non-finite value ("poisoned"); such a tensor also leaves its
+  ticket in the device's check flag (``quant.kernels.checks``).
 * ``_quantize_kernel``: per tile [BM, BK] the SPEC 1.2 chain in float32, one operation at a time (same order and
   constants as ``quant.nvfp4``); writes the packed codes and E4M3 scale bytes and/or the dequantized values
   (TE's dequant formula, SPEC 1.8) in the output dtype. 16x16 tiles take the block max over 16 rows (BM % 16 == 0).
@@ -79,16 +80,19 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
     return tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
 
 
-@triton.jit
-def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr,
-                 RHT: tl.constexpr, SIGN_MASK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+@triton.jit(do_not_specialize=["ticket"])
+def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
+                 RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, BM: tl.constexpr,
+                 BK: tl.constexpr):
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, tl.program_id(0), tl.program_id(1), BM, BK)
     if RHT:
         x = rht_tile(x, BM, BK, SIGN_MASK)
     else:
         x = x.to(tl.float32)
-    a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax flags any non-finite element
-    tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+    a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax is +inf iff a value is not finite
+    tile_max = tl.max(tl.max(a, axis=1), axis=0)
+    tl.atomic_max(amax_ptr, tile_max)
+    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)  # quant.kernels.checks
 
 
 @triton.jit
@@ -222,14 +226,15 @@ def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
     return bm, bk
 
 
-def global_amax(x2d: Tensor, rht: bool) -> Tensor:
-    """max |x| (of RHT(x) if ``rht``) as float32 [1]; +inf if x holds NaN or Inf (or the RHT overflows BF16)."""
+def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
+    """max |x| (of RHT(x) if ``rht``) as float32 [1]; +inf if x holds NaN or Inf (or the RHT overflows BF16), in which
+    case ``ticket`` is atomic-min'ed into the int64 ``flag`` (``quant.kernels.checks``)."""
     m, k = x2d.shape
     bm, bk = tile_shape(m, k)
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-    _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, RHT=rht, SIGN_MASK=SIGN_MASK, BM=bm, BK=bk,
-                       **launch_options())
+    _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,
+                       FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options())
     return amax
 
 

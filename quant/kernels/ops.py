@@ -63,9 +63,10 @@ def _as_2d(x: Tensor) -> Tensor:
 # NVFP4
 # ---------------------------------------------------------------------------------------------------------------------
 def _nvfp4_amax(x2d: Tensor, rht: bool, name: str) -> Tensor:
-    amax = nvfp4_kernels.global_amax(x2d, rht)
     stage = "after the RHT (BF16 overflow)" if rht else ""
-    checks.watch(amax, nvfp4_reference.FORMAT, name or None, stage)
+    flag, ticket = checks.ticket(x2d.device, nvfp4_reference.FORMAT, name or None, stage)
+    amax = nvfp4_kernels.global_amax(x2d, rht, flag, ticket)
+    checks.poll(x2d.device)
     return amax
 
 
@@ -127,7 +128,8 @@ def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False
     replaces ``generator``, see ``_sr_seed``)."""
     tile = _check_nvfp4(x, tile, rht, name)
     seed = _sr_seed(x, stochastic, generator, seed)
-    codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x, tile[0], rht, seed, name or "")
+    codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x.detach(), tile[0], rht, seed,
+                                name or "")
     return nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype,
                                        tile=tile, rht=rht, stochastic=stochastic)
 
@@ -138,7 +140,7 @@ def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = 
     """``quant.nvfp4.fake_quantize`` in one pass after the amax reduction; output in x.dtype, x's shape."""
     tile = _check_nvfp4(x, tile, rht, name)
     seed = _sr_seed(x, stochastic, generator, seed)
-    return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x, tile[0], rht, seed, name or "")
+    return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x.detach(), tile[0], rht, seed, name or "")
 
 
 def nvfp4_decode(q: nvfp4_reference.NVFP4Tensor, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
@@ -166,8 +168,9 @@ def nvfp4_rht(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 def _mxfp4_quantize_eager(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
     x2d = _as_2d(x)
-    codes, scales, _, amax = mxfp4_kernels.quantize_2d(x2d, scale_rule, True, None)
-    checks.watch(amax, mxfp4_reference.FORMAT, name or None)
+    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None)
+    codes, scales, _ = mxfp4_kernels.quantize_2d(x2d, scale_rule, True, None, flag, ticket)
+    checks.poll(x2d.device)
     return codes, scales
 
 
@@ -181,8 +184,10 @@ def _(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
 
 
 def _mxfp4_fake_quantize_eager(x: Tensor, scale_rule: str, name: str) -> Tensor:
-    _, _, values, amax = mxfp4_kernels.quantize_2d(_as_2d(x), scale_rule, False, x.dtype)
-    checks.watch(amax, mxfp4_reference.FORMAT, name or None)
+    x2d = _as_2d(x)
+    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None)
+    _, _, values = mxfp4_kernels.quantize_2d(x2d, scale_rule, False, x.dtype, flag, ticket)
+    checks.poll(x2d.device)
     return values.view(x.shape)
 
 
@@ -210,7 +215,7 @@ def mxfp4_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None
     """``quant.mxfp4.quantize`` on the kernel: the same ``MXFP4Tensor`` bytes."""
     check_float_tensor(x, mxfp4_reference.FORMAT, name)
     mxfp4_reference._check_scale_rule(scale_rule, name)
-    codes, scales = _call(_mxfp4_quantize_op, _mxfp4_quantize_eager, x, scale_rule, name or "")
+    codes, scales = _call(_mxfp4_quantize_op, _mxfp4_quantize_eager, x.detach(), scale_rule, name or "")
     return mxfp4_reference.MXFP4Tensor(codes=codes, scales=scales, shape=x.shape, dtype=x.dtype,
                                        scale_rule=scale_rule)
 
@@ -219,7 +224,7 @@ def mxfp4_fake_quantize(x: Tensor, scale_rule: str = "floor", name: str | None =
     """``quant.mxfp4.fake_quantize`` in one pass (MX needs no global amax); output in x.dtype, x's shape."""
     check_float_tensor(x, mxfp4_reference.FORMAT, name)
     mxfp4_reference._check_scale_rule(scale_rule, name)
-    return _call(_mxfp4_fake_quantize_op, _mxfp4_fake_quantize_eager, x, scale_rule, name or "")
+    return _call(_mxfp4_fake_quantize_op, _mxfp4_fake_quantize_eager, x.detach(), scale_rule, name or "")
 
 
 def mxfp4_dequantize(q: mxfp4_reference.MXFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -309,8 +309,9 @@ def test_interp_poisoned_tensor_decodes_to_nan():
 
     x = torch.randn(16, 32)
     x[2, 2] = float("nan")
-    amax = nvfp4_kernels.global_amax(x, rht=False)
-    assert float(amax) == float("inf")
+    flag = torch.full((1,), 2**63 - 1, dtype=torch.int64)
+    amax = nvfp4_kernels.global_amax(x, False, flag, 1234)
+    assert float(amax) == float("inf") and int(flag) == 1234
     codes, scales, values = nvfp4_kernels.quantize_2d(x, amax, 1, False, None, True, torch.float32)
     assert int(scales.min()) == 0x7F and bool(values.isnan().all())
 
@@ -389,7 +390,7 @@ def test_interp_compiled_caller_has_no_graph_break():
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: the kernels behind the public API, on large tensors
 # ---------------------------------------------------------------------------------------------------------------------
-GPU_SHAPES = [(128, 128), (304, 304), (256, 272), (77, 100), (2048, 1040), (4096, 4096), (8, 128, 512), (1, 16)]
+GPU_SHAPES = [(128, 128), (304, 304), (256, 272), (77, 100), (2048, 1040), (8, 128, 512), (1, 16)]
 GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -400,6 +401,12 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_gpu_nvfp4_matches_cpu_reference(shape, dtype, tile):
     x = hard_tensor(shape, dtype, seed=shape[-1]).cuda()
     check_nvfp4(x, tile, False, _PublicNVFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_gpu_nvfp4_large_bf16(tile):
+    check_nvfp4(hard_tensor((4096, 4096), torch.bfloat16, seed=4).cuda(), tile, False, _PublicNVFP4)
 
 
 @gpu_test
@@ -438,7 +445,7 @@ def test_gpu_float32_subnormals_and_tiny_blocks(dtype):
 @gpu_test
 @pytest.mark.parametrize("scale_rule", ["floor", "rceil"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("shape", [(4096, 4096), (77, 100), (8, 128, 544)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2048, 2048), (77, 100), (8, 128, 544)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_mxfp4_matches_cpu_reference(shape, dtype, scale_rule):
     check_mxfp4(hard_tensor(shape, dtype, seed=4).cuda(), scale_rule, _PublicMXFP4)
 
@@ -468,10 +475,12 @@ def test_gpu_non_finite_raises_asynchronously():
     x = torch.randn(256, 256, device="cuda")
     x[7, 7] = float("nan")
     with pytest.raises(QuantError, match="'layer.x'.*NaN or Inf"):
+        nvfp4.quantize(torch.randn(64, 64, device="cuda"), name="layer.ok")
         nvfp4.quantize(x, name="layer.x")
-        checks.raise_pending(wait=True)
+        nvfp4.fake_quantize(torch.randn(64, 64, device="cuda"), name="layer.after")
+        checks.raise_pending()
     nvfp4.quantize(torch.randn(16, 16, device="cuda"))
-    checks.raise_pending(wait=True)  # the queue was cleared with the error
+    checks.raise_pending()  # the flag was cleared with the error
 
 
 @gpu_test
@@ -486,20 +495,37 @@ def test_gpu_dispatch_uses_kernels_and_reference_agrees_on_gpu():
     assert_same_nvfp4(nvfp4.quantize(x, tile=(16, 16)), ref_gpu)
 
 
+_COMPILE_BLOCKERS = {
+    "dequantized": "quant.gemm.dense returns a reshape view of the dequantized operand, which the autograd.Function "
+                   "saves; dynamo cannot save views of intermediates (InternalTorchDynamoError)",
+    "full": "LayerQuantizer draws the SR seed from a torch.Generator held by a Python object (graph break)",
+}
+
+
 @gpu_test
-def test_gpu_compiled_quantized_linear_has_no_graph_break():
+@pytest.mark.parametrize("backward", [
+    "high_precision",
+    *(pytest.param(mode, marks=pytest.mark.xfail(strict=True, reason=reason))
+      for mode, reason in _COMPILE_BLOCKERS.items()),
+])
+def test_gpu_compiled_quantized_linear_has_no_graph_break(backward):
     import quant
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
-    quant.apply(model, quant.Policy(format="nvfp4"))
-    x = torch.randn(4, 128, 256, device="cuda")
+    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    x = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
 
     def step(inp):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return model(inp).float().pow(2).mean()
 
+    step(x).backward()  # eager first: lazily created SR generators exist before tracing
     explanation = torch._dynamo.explain(step)(x)
-    assert explanation.graph_break_count == 0, [str(r) for r in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    eager_grad = torch.autograd.grad(step(x), x)[0]
+    compiled_grad = torch.autograd.grad(torch.compile(step, fullgraph=True)(x), x)[0]
+    if backward != "full":  # SR draws differ between the two runs
+        assert_same_bits(compiled_grad, eager_grad, "compiled vs eager input gradient")
 
 
 class _PublicNVFP4:
