@@ -20,7 +20,7 @@ their reasons); ``--profile`` records the top CUDA kernels of a few steps of one
 CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hence omegaconf and hydra-core, for the
 config schemas) and ``transformers`` (decoder).
 
-Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-dequantized,...]
+Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-full,...]
   [--compile eager,blocks] [--steps 10] [--time-limit 300] [--check-graph-breaks] [--profile decoder:nvfp4-full]
   [--out results.json] [--quick]
 """
@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _add_ratios(rows: list[dict[str, object]]) -> None:
-    base = {(r["model"], r["compile"]): r["timing"].median_ms for r in rows if r.get("mode") == "bf16" and "timing" in r}
+    base = {(r["model"], r["compile"]): r["timing"].median_ms for r in rows
+            if r.get("mode") == "bf16" and "timing" in r}
     eager = {r["model"]: r["timing"].median_ms for r in rows if r.get("mode") == "bf16" and r.get("compile") == "eager"
              and "timing" in r}
     for r in rows:
@@ -286,7 +287,8 @@ def report(result: dict[str, object]) -> str:
             continue
         t: Timing = r["timing"]
         rows.append([r["model"], r["mode"], r["compile"], f"{t.median_ms:.2f}", t.spread(),
-                     _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"), _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
+                     _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"),
+                     _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
                      f"{r['first_step_s']:.1f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"), r["quantized_layers"]])
     lines.append(table(header, rows))
     for g in result.get("graph_breaks", []):

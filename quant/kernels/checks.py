@@ -12,9 +12,9 @@ operands, and every synchronisation drains the launch queue, so the kernel path 
   checks it once its CUDA event has completed, and raises ``QuantError`` naming the first poisoned tensor: a few
   quantizations late (the message says so), never silently, with no added kernel launch and no synchronisation.
 
-``raise_pending()`` synchronises and checks everything launched so far (tests, end of a run, ``bench/``). The environment
-variable ``FP4LAB_SYNC_CHECKS=1`` (or ``set_synchronous(True)``) checks after each tensor, as the reference does.
-CPU tensors (the Triton interpreter) are always checked immediately.
+``raise_pending()`` synchronises and checks everything launched so far (tests, end of a run, ``bench/``). The
+environment variable ``FP4LAB_SYNC_CHECKS=1`` (or ``set_synchronous(True)``) checks after each tensor, as the
+reference does. CPU tensors (the Triton interpreter) are always checked immediately.
 """
 from __future__ import annotations
 
