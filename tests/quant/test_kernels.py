@@ -147,12 +147,10 @@ def test_interp_all_zero_tensor():
     assert float(q.amax) == 0.0 and int(q.codes.max()) == 0 and int(q.scales.max()) == 0
 
 
-@interp
-def test_interp_spec_t1_t2_t3_bytes():
+def spec_t1_t2_t3(kernel_ops, device: str) -> None:
     """Hand-computed SPEC vectors, independent of the reference implementation."""
-    kernel_ops = _kernel_ops()
     t1 = torch.tensor([[0, 0.25, 0.3125, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -2.875, -5.125, 4.5,
-                        1.125]], dtype=torch.bfloat16)
+                        1.125]], dtype=torch.bfloat16, device=device)
     q = kernel_ops.nvfp4_quantize(t1)
     assert q.codes[0].tolist() == [0x00, 0x21, 0x42, 0x64, 0x76, 0xA8, 0xFD, 0x26]
     assert q.scales.tolist() == [[0x7E]] and float(q.amax) == 6.0
@@ -164,10 +162,10 @@ def test_interp_spec_t1_t2_t3_bytes():
             [0.01, -0.004, 0, 0.0025], [0.005, -0.001, 0, 0], [0, 0, 0, 0], [2688, -100, 448, 1]]
     for block, values in enumerate(rows):
         t2[0, 16 * block: 16 * block + 4] = torch.tensor(values)
-    q = kernel_ops.nvfp4_quantize(t2)
+    q = kernel_ops.nvfp4_quantize(t2.to(device))
     assert q.scales[0].tolist() == [0x38, 0x38, 0x39, 0x3A, 0x01, 0x00, 0x00, 0x7E]
     assert q.codes[0, :2].tolist() == [0x27, 0x1D]
-    fq = kernel_ops.nvfp4_fake_quantize(t2)[0]
+    fq = kernel_ops.nvfp4_fake_quantize(t2.to(device))[0]
     assert fq[32:36].tolist() == [6.75, 1.125, -3.375, 0.5625]
     assert fq[64:68].tolist() == [0.01171875, -0.00390625, 0, 0.0029296875]
     assert fq[80:84].tolist() == [0, 0, 0, 0]
@@ -175,33 +173,31 @@ def test_interp_spec_t1_t2_t3_bytes():
     t3 = torch.zeros(1, 32)
     t3[0, :4] = torch.tensor([2.15625, -1.0, 0.5, 1.5])
     t3[0, 16:18] = torch.tensor([2.875, 0.1])
-    q = kernel_ops.nvfp4_quantize(t3)
+    q = kernel_ops.nvfp4_quantize(t3.to(device))
     assert q.scales[0].tolist() == [0x7B, 0x7E]  # 352, not torchao's 320: the block scale is rounded once
     assert q.codes[0, :2].tolist() == [0xD7, 0x63]  # codes [7, D, 3, 6]
 
 
-@interp
-def test_interp_spec_t4_2d_tiles():
+def spec_t4(kernel_ops, device: str) -> None:
     w = torch.zeros(16, 16)
     w[0, 0], w[1, 0], w[1, 1] = 6.0, 0.75, -0.5
-    kernel_ops = _kernel_ops()
+    w = w.to(device)
     two_d = kernel_ops.nvfp4_fake_quantize(w, tile=(16, 16))
     assert two_d[1, :2].tolist() == [1.0, -0.5]
     assert kernel_ops.nvfp4_quantize(w, tile=(16, 16)).scales[:, 0].tolist() == [0x7E] * 16
     one_d = kernel_ops.nvfp4_quantize(w, tile=(1, 16))
     assert one_d.scales[:2, 0].tolist() == [0x7E, 0x66] and one_d.scales[2:].max() == 0
     assert kernel_ops.nvfp4_fake_quantize(w)[1, :2].tolist() == [0.75, -0.5]
-    x = hard_tensor((48, 80), torch.float32, seed=7)  # columnwise codes are the transpose of rowwise with 2D tiles
+    x = hard_tensor((48, 80), torch.float32, seed=7).to(device)  # columnwise codes are the transpose of rowwise with 2D tiles
     rowwise = kernel_ops.nvfp4_fake_quantize(x, tile=(16, 16))
     columnwise = kernel_ops.nvfp4_fake_quantize(x.t(), tile=(16, 16))
     assert_same_bits(columnwise.t(), rowwise, "2D tiles, columnwise vs rowwise")
 
 
-@interp
-def test_interp_spec_t5_rht():
-    kernel_ops = _kernel_ops()
+def spec_t5(kernel_ops, device: str) -> None:
     x = torch.zeros(1, 16, dtype=torch.bfloat16)
     x[0, 0], x[0, 1], x[0, 5] = 8.0, 1.0, -2.0
+    x = x.to(device)
     assert kernel_ops.nvfp4_rht(x).float()[0].tolist() == [2.75, 1.25, 2.75, 1.25, 1.75, 2.25, 1.75, 2.25] * 2
     q = kernel_ops.nvfp4_quantize(x, rht=True)
     assert float(q.amax) == 2.75
@@ -273,20 +269,28 @@ def check_mxfp4(x: torch.Tensor, scale_rule: str, kernel_ops) -> None:
     assert_same_bits(kernel_ops.mxfp4_dequantize(q, torch.float32), mxfp4.dequantize(ref), "MX dequantized")
 
 
-@interp
-def test_interp_mxfp4_t7_and_float32_subnormal_blocks():
-    kernel_ops = _kernel_ops()
+def spec_t7(kernel_ops, device: str) -> None:
     x = torch.zeros(4, 32)
     x[0, :4] = torch.tensor([5.0, -1.3, 0.2, 2.6])
     x[1, :4] = torch.tensor([7.0, 3.3, -0.9, 0.1])
     x[2, :4] = torch.tensor([0.3, -0.07, 0.15, 0.01])
     x[3, :4] = torch.tensor([3e-39, -1e-40, 1e-45, 0.0])  # float32 subnormal block max
+    x = x.to(device)
     q = kernel_ops.mxfp4_quantize(x, "floor")
     assert q.scales[:3, 0].tolist() == [0x7F, 0x7F, 0x7B]
     assert kernel_ops.mxfp4_fake_quantize(x, "floor")[1, :4].tolist() == [6, 3, -1, 0]
     assert kernel_ops.mxfp4_fake_quantize(x, "rceil")[1, :4].tolist() == [8, 3, -1, 0]
     for rule in ("floor", "rceil"):
         check_mxfp4(x, rule, kernel_ops)
+
+
+SPEC_VECTORS = {"t1_t2_t3": spec_t1_t2_t3, "t4_2d_tiles": spec_t4, "t5_rht": spec_t5, "t7_mxfp4": spec_t7}
+
+
+@interp
+@pytest.mark.parametrize("vector", SPEC_VECTORS)
+def test_interp_spec_vectors(vector):
+    SPEC_VECTORS[vector](_kernel_ops(), "cpu")
 
 
 @interp
@@ -401,6 +405,13 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_gpu_nvfp4_matches_cpu_reference(shape, dtype, tile):
     x = hard_tensor(shape, dtype, seed=shape[-1]).cuda()
     check_nvfp4(x, tile, False, _PublicNVFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("vector", SPEC_VECTORS)
+def test_gpu_spec_vectors(vector):
+    """The hand-computed SPEC vectors on the compiled kernels (E4M3 ties, subnormal scales, RHT, MX exponents)."""
+    SPEC_VECTORS[vector](_kernel_ops(), "cuda")
 
 
 @gpu_test
