@@ -205,12 +205,17 @@ def graph_breaks(work: Workload, mode: str, device: torch.device) -> dict[str, o
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return block(*a, **kw)
 
-    explanation = torch._dynamo.explain(forward)(*block_args, **block_kwargs)
-    reasons = Counter(str(r.reason).splitlines()[0][:200] for r in explanation.break_reasons)
+    try:
+        explanation = torch._dynamo.explain(forward)(*block_args, **block_kwargs)
+    except Exception as error:  # noqa: BLE001 - e.g. an internal Dynamo error is the finding
+        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+    else:
+        reasons = Counter(str(r.reason).splitlines()[0][:200] for r in explanation.break_reasons)
+        result = {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count,
+                  "reasons": dict(reasons)}
     del model
     _release(device)
-    return {"model": work.name, "mode": mode, "block": block_name, "graphs": explanation.graph_count,
-            "graph_breaks": explanation.graph_break_count, "reasons": dict(reasons)}
+    return {"model": work.name, "mode": mode, "block": block_name, **result}
 
 
 def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> list[dict[str, object]]:
@@ -241,14 +246,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     works = workloads(args.quick)
     deadline = time.perf_counter() + args.time_limit
     rows: list[dict[str, object]] = []
-    for name in args.models.split(","):
-        for setting in args.compile.split(","):
+    for setting in args.compile.split(","):  # every eager row first: compilation is what a time limit cuts
+        for name in args.models.split(","):
             for mode in args.modes.split(","):
                 if time.perf_counter() > deadline:
                     rows.append({"model": name, "mode": mode, "compile": setting, "skipped": "time limit"})
                     continue
                 print(f"... {name} {mode} {setting}", flush=True)
-                rows.append(time_config(works[name], mode, setting, args, device))
+                try:
+                    rows.append(time_config(works[name], mode, setting, args, device))
+                except Exception as error:  # noqa: BLE001 - a failing configuration is a result, not the end of the run
+                    rows.append({"model": name, "mode": mode, "compile": setting,
+                                 "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
+                    _release(device)
     _add_ratios(rows)
     result: dict[str, object] = {"environment": environment(device), "rows": rows,
                                  "settings": {k: v for k, v in vars(args).items()}}
@@ -293,7 +303,7 @@ def report(result: dict[str, object]) -> str:
     lines.append(table(header, rows))
     for g in result.get("graph_breaks", []):
         lines.append(f"graph breaks {g['model']} {g['mode']} block {g['block']}: graphs={g.get('graphs')} "
-                     f"breaks={g.get('graph_breaks')}")
+                     f"breaks={g.get('graph_breaks')}" + (f" error: {g['error']}" if "error" in g else ""))
         lines += [f"    {count}x {reason}" for reason, count in g.get("reasons", {}).items()]
     for spec, kernels_top in result.get("profile", {}).items():
         lines.append(f"profile {spec} (top kernels, ms per step):")

@@ -44,7 +44,7 @@ def _exp2i_wide(k):
     return tl.where(k >= -126, exp2i(tl.maximum(k, -126)), subnormal)
 
 
-@triton.jit(do_not_specialize=["ticket"])
+@triton.jit(do_not_specialize=["M", "ticket"])
 def _mxfp4_kernel(
     x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K]; KP = K rounded up to 32
     out_ptr, codes_ptr, scales_ptr,  # values [M, K]; uint8 [M, KP/2]; uint8 [M, KP/32]
@@ -96,7 +96,7 @@ def _mxfp4_kernel(
                      OUT_BF16_BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr,
                          BK: tl.constexpr):
     NB: tl.constexpr = BK // 32

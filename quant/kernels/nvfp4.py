@@ -80,7 +80,7 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
     return tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
 
 
-@triton.jit(do_not_specialize=["ticket"])
+@triton.jit(do_not_specialize=["M", "ticket"])
 def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
                  RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr):
@@ -95,7 +95,7 @@ def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
     tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)  # quant.kernels.checks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_kernel(
     x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K] (any strides); KP = K rounded up to 16
     amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [1] SR seed (read only if STOCHASTIC)
@@ -171,7 +171,7 @@ def _quantize_kernel(
                      OUT_BF16_BITS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
                    SCALED_CODES: tl.constexpr, INV_2688: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr):
