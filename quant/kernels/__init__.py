@@ -25,17 +25,15 @@ from typing import Iterator
 from torch import Tensor
 
 _disabled = os.environ.get("FP4LAB_DISABLE_KERNELS", "0") == "1"
-_import_error: str | None = None
+# Looked up once (finding the package does not import it): ``enabled_for`` runs inside torch.compile-traced code,
+# where it must be a plain read of module state.
+_import_error: str | None = None if importlib.util.find_spec("triton") else "the triton package is not installed"
 _ops = None
 
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run here (None if they can): Triton missing or failing to import."""
-    if _import_error is not None:
-        return _import_error
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    return None
+    return _import_error
 
 
 def load():
@@ -53,12 +51,13 @@ def load():
 
 def enabled_for(x: object) -> bool:
     """True if ``x`` should go to the kernels: a CUDA tensor, Triton importable, kernels not disabled."""
-    if _disabled or not isinstance(x, Tensor) or not x.is_cuda or unavailable_reason() is not None:
+    if _disabled or _import_error is not None or not isinstance(x, Tensor) or not x.is_cuda:
         return False
-    try:
-        load()
-    except ImportError:
-        return False
+    if _ops is None:
+        try:
+            load()
+        except ImportError:
+            return False
     return True
 
 
