@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options, tile_shape
+from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
 from quant.kernels.rounding import e2m1_code_value, e2m1_magnitude, e2m1_rne_index, exp2i, store_values
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
@@ -53,8 +53,7 @@ def _mxfp4_kernel(
     BM: tl.constexpr, BK: tl.constexpr,
 ):
     NB: tl.constexpr = BK // 32
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m, pid_k = tile_index(KP, BK, False)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
     row_ok = rows < M
@@ -100,8 +99,7 @@ def _mxfp4_kernel(
 def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr,
                          BK: tl.constexpr):
     NB: tl.constexpr = BK // 32
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m, pid_k = tile_index(KP, BK, False)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < M
     pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
@@ -135,7 +133,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
     if values_dtype is not None:
         values = torch.empty(m, k, dtype=values_dtype, device=device)
     placeholder = flag  # pointers of outputs that are not written are never dereferenced
-    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _mxfp4_kernel[grid](
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, placeholder if values is None else _storage_view(values),
         placeholder if codes is None else codes, placeholder if scales is None else scales, flag, ticket,
@@ -152,7 +150,7 @@ def decode_2d(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> T
     bm, bk = tile_shape(m, kp)
     bk = max(bk, BLOCK)
     out = torch.empty(m, cols, dtype=dtype, device=codes.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _mxfp4_decode_kernel[grid](codes, scales, _storage_view(out), m, cols, kp, OUT_BF16_BITS=dtype == torch.bfloat16,
                                BM=bm, BK=bk, **launch_options())
     return out

@@ -73,6 +73,17 @@ def launch_options() -> dict[str, object]:
 
 
 @triton.jit
+def tile_index(cols, BK: tl.constexpr, REVERSE: tl.constexpr):
+    """(pid_m, pid_k) of this program in a 1-D grid over [M, cols] tiles, row strip after row strip (memory order);
+    backwards with REVERSE, so a pass that follows another over the same tensor starts on the tiles still in L2."""
+    pid = tl.program_id(0)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
+    tiles_k = tl.cdiv(cols, BK)
+    return pid // tiles_k, pid % tiles_k
+
+
+@triton.jit
 def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr):
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
@@ -84,7 +95,8 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
 def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
                  RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr):
-    x = _load_tile(x_ptr, stride_m, stride_k, M, K, tl.program_id(0), tl.program_id(1), BM, BK)
+    pid_m, pid_k = tile_index(K, BK, False)
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
     if RHT:
         x = rht_tile(x, BM, BK, SIGN_MASK)
     else:
@@ -107,8 +119,7 @@ def _quantize_kernel(
     FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     NB: tl.constexpr = BK // 16
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m, pid_k = tile_index(KP, BK, True)  # backwards: the amax pass just read the last tiles
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
     if RHT:
         x = rht_tile(x, BM, BK, SIGN_MASK)
@@ -177,8 +188,7 @@ def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
                    BM: tl.constexpr, BK: tl.constexpr):
     """Packed codes [M, KP/2] + scale bytes [M, KP/16] -> [M, K] values: TE's dequant, or e2m1 * s_b (GEMM operand)."""
     NB: tl.constexpr = BK // 16
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m, pid_k = tile_index(KP, BK, False)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < M
     pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
@@ -202,8 +212,7 @@ def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
 @triton.jit
 def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexpr, BM: tl.constexpr,
                 BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_m, pid_k = tile_index(K, BK, False)
     y = rht_tile(_load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK), BM, BK, SIGN_MASK)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
@@ -232,7 +241,7 @@ def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
     m, k = x2d.shape
     bm, bk = tile_shape(m, k)
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,
                        FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options())
     return amax
@@ -257,7 +266,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         values = torch.empty(m, k, dtype=values_dtype, device=device)
     placeholder = amax  # any tensor: pointers of outputs that are not written are never dereferenced
     out = placeholder if values is None else _storage_view(values)
-    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _quantize_kernel[grid](
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, placeholder if seed is None else seed,
         out, placeholder if codes is None else codes,
@@ -277,7 +286,7 @@ def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: tor
     bm, bk = tile_shape(m, kp)
     out = torch.empty(m, cols, dtype=dtype, device=codes.device)
     amax = amax.reshape(1).to(torch.float32)
-    grid = (triton.cdiv(m, bm), triton.cdiv(kp, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _decode_kernel[grid](codes, scales, amax, _storage_view(out), m, cols, kp, SCALED_CODES=scaled_codes,
                          INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options())
     return out
@@ -288,7 +297,7 @@ def rht_2d(x2d: Tensor) -> Tensor:
     m, k = x2d.shape
     bm, bk = tile_shape(m, k)
     out = torch.empty(m, k, dtype=torch.bfloat16, device=x2d.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK, BM=bm,
                       BK=bk, **launch_options())
     return out
