@@ -20,6 +20,7 @@ from quant.modules import (
 )
 from quant.policy import Policy
 from quant.recipe import Recipe
+from quant import export, inference  # packed inference layers and the safetensors export
 
 __all__ = [
     "LayerDecision",
@@ -32,9 +33,11 @@ __all__ = [
     "QuantReport",
     "Recipe",
     "apply",
+    "export",
     "find_blocks",
     "formats",
     "fp8",
+    "inference",
     "int4",
     "layer_formats",
     "load_sr_states",
