@@ -6,12 +6,12 @@ floor / rceil fake-quantize) on one large tensor per dtype, measured side by sid
 * kernel time (median of CUDA-event timings after an L2 flush; 10th-90th percentile spread), effective bandwidth
   = the fewest bytes the operation must move (input read once, output written once; the global-amax pass is not
   counted, it is part of the cost) / time, and that bandwidth as a fraction of a ``copy_`` of the same tensor;
-* the reference (``quant.nvfp4`` / ``quant.mxfp4`` with the kernels disabled) in eager mode and under
-  ``torch.compile``, and the kernel's speed-up over each;
+* the reference (``quant.nvfp4`` / ``quant.mxfp4`` with the kernels disabled) in eager mode and, for the BF16 input
+  of the variants in ``--compile-variants``, under ``torch.compile``; the kernel's speed-up over each;
 * whether the kernel's bytes equal the reference's (round-to-nearest variants; SR is statistical).
 
 Usage (repository root): python -m bench.kernel_throughput [--rows 8192 --cols 4096] [--dtypes bfloat16,float32]
-  [--reps 50] [--no-compile] [--sweep] [--out results.json] [--quick]
+  [--reps 50] [--no-compile | --compile-variants "nvfp4 1x16 fake-quant,..."] [--sweep] [--out results.json] [--quick]
 ``--quick``: tiny CPU smoke run, bfloat16 only (kernels only with TRITON_INTERPRET=1; compile column with the eager
 backend). Imports only torch, triton and ``quant``.
 """
@@ -37,6 +37,9 @@ class Variant:
     kernel: Callable[[Tensor], object]
     reference: Callable[[Tensor], object]
     bytes_moved: Callable[[Tensor], int]  # fewest bytes: input read + output written
+
+
+COMPILED_BY_DEFAULT = ("nvfp4 1x16 fake-quant", "nvfp4 16x16 fake-quant", "nvfp4 RHT+SR fake-quant")
 
 
 def _fake_quant_bytes(x: Tensor) -> int:
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 row.update(kernel=kernel_t, GBps=gbps, copy_fraction=gbps / copy_gbps)
             with kernels.disabled():
                 row["reference_eager"] = measure(lambda: variant.reference(x), device, args.warmup_ref, args.reps_ref)
-                if args.compile:
+                if args.compile and dtype == torch.bfloat16 and variant.name in args.compile_variants.split(","):
                     compiled = torch.compile(variant.reference, backend=args.compile_backend)
                     row["reference_compiled"] = measure(lambda: compiled(x), device, args.warmup_ref, args.reps_ref)
                 reference_out = variant.reference(x) if (variant.exact and kernel_ops is not None) else None
@@ -195,6 +198,9 @@ def main() -> None:
     parser.add_argument("--warmup-ref", type=int, default=3)
     parser.add_argument("--reps-ref", type=int, default=15)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile column")
+    parser.add_argument("--compile-variants", default=",".join(COMPILED_BY_DEFAULT),
+                        help="variants whose reference is also timed under torch.compile (bfloat16 only; each "
+                             "compilation takes seconds)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--sweep", action="store_true", help="also time several kernel launch configurations")
     parser.add_argument("--out", help="write the results as JSON here")

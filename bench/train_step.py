@@ -9,6 +9,8 @@ batch already on the device, for models built by ``models.build_model`` from the
 * ``unet``: the GroupNorm UNet with the query mask head (default width), 256x256, 81 classes, batch 16.
 
 Modes: ``bf16`` (no quantization) and ``nvfp4-<backward>`` for ``dequantized``, ``full`` and ``high_precision``
+(a ``+tf32`` suffix runs the same mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whose operands are
+all BF16-exact under BF16 autocast, so TF32 changes only the accumulation order)
 (``quant.Recipe.backward``; TE's default recipe otherwise: 16x16 weights, SR on dY, RHT on the wgrad operands; the
 model's own high-precision layers, e.g. embeddings and stems, stay BF16). Each mode runs eager and with each block
 (``quant.find_blocks``) compiled by ``torch.compile``. Times are medians of CUDA-event timings over ``--steps`` steps
@@ -21,7 +23,8 @@ CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hen
 config schemas) and ``transformers`` (decoder).
 
 Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-full,...]
-  [--compile eager,blocks] [--steps 10] [--time-limit 300] [--check-graph-breaks] [--profile decoder:nvfp4-full]
+  [--compile eager,blocks] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder,...]]
+  [--profile decoder:nvfp4-full]
   [--out results.json] [--quick]
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ from data.info import DataInfo
 from models import build_model
 
 MODES = ("bf16", "nvfp4-dequantized", "nvfp4-full", "nvfp4-high_precision")
+TF32_SUFFIX = "+tf32"  # e.g. nvfp4-full+tf32: the same step with TF32 matmuls allowed (what-if for quant.gemm)
 COMPILE_SETTINGS = ("eager", "blocks")
 
 
@@ -126,7 +130,7 @@ def build(work: Workload, mode: str, device: torch.device
     blocks = quant.find_blocks(model)
     report = None
     if mode != "bf16":
-        backward = mode.removeprefix("nvfp4-")
+        backward = mode.removesuffix(TF32_SUFFIX).removeprefix("nvfp4-")
         report = quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
     return model, report, blocks
 
@@ -139,16 +143,18 @@ def compile_blocks(model: nn.Module, blocks: tuple[str, ...], backend: str) -> i
     return len(blocks)
 
 
-def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callable[[], None]:
+def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callable[[], Tensor]:
     inputs, target = work.batch(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step() -> None:
+    def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(inputs)
-        work.loss(out, target).backward()
+        loss = work.loss(out, target)
+        loss.backward()
         optimizer.step()
+        return loss.detach()
 
     return step
 
@@ -161,10 +167,15 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
     if setting == "blocks":
         row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
     step = make_step(model, work, device)
-    begin = time.perf_counter()
-    step()  # first step: compilation, lazy generator creation
-    row["first_step_s"] = time.perf_counter() - begin
-    row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = mode.endswith(TF32_SUFFIX)
+    try:
+        begin = time.perf_counter()
+        row["first_loss"] = float(step())  # first step: compilation, lazy generator creation; same weights and batch
+        row["first_step_s"] = time.perf_counter() - begin
+        row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if mode != "bf16":
@@ -246,7 +257,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     works = workloads(args.quick)
     deadline = time.perf_counter() + args.time_limit
     rows: list[dict[str, object]] = []
+    result: dict[str, object] = {"environment": environment(device), "rows": rows, "settings": dict(vars(args))}
     for setting in args.compile.split(","):  # every eager row first: compilation is what a time limit cuts
+        if setting != "eager":
+            diagnose(result, args, works, device)
         for name in args.models.split(","):
             for mode in args.modes.split(","):
                 if time.perf_counter() > deadline:
@@ -259,18 +273,23 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     rows.append({"model": name, "mode": mode, "compile": setting,
                                  "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
                     _release(device)
+    diagnose(result, args, works, device)
     _add_ratios(rows)
-    result: dict[str, object] = {"environment": environment(device), "rows": rows,
-                                 "settings": {k: v for k, v in vars(args).items()}}
-    if args.check_graph_breaks:
-        result["graph_breaks"] = [graph_breaks(works[name], mode, device) for name in args.models.split(",")
+    return result
+
+
+def diagnose(result: dict[str, object], args: argparse.Namespace, works: dict[str, Workload],
+             device: torch.device) -> None:
+    """The graph-break check and the profiles (once per run, between the eager and the compiled rows)."""
+    if args.check_graph_breaks and "graph_breaks" not in result:
+        names = args.models.split(",") if args.check_graph_breaks == "all" else args.check_graph_breaks.split(",")
+        result["graph_breaks"] = [graph_breaks(works[name], mode, device) for name in names
                                   for mode in args.modes.split(",") if mode != "bf16"]
-    if args.profile:
+    if args.profile and "profile" not in result:
         result["profile"] = {}
         for spec in args.profile.split(","):
             name, mode = spec.split(":")
             result["profile"][spec] = profile(works[name], mode, device)
-    return result
 
 
 def _add_ratios(rows: list[dict[str, object]]) -> None:
@@ -289,17 +308,18 @@ def report(result: dict[str, object]) -> str:
     env = result["environment"]
     lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
     header = ["model", "mode", "compile", "ms/step", "p10-p90", "vs bf16 (same)", "vs bf16 eager", "1st step s",
-              "peak GiB", "quantized"]
+              "1st loss", "peak GiB", "quantized"]
     rows = []
     for r in result["rows"]:
         if "skipped" in r:
-            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 6)
+            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 7)
             continue
         t: Timing = r["timing"]
         rows.append([r["model"], r["mode"], r["compile"], f"{t.median_ms:.2f}", t.spread(),
                      _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"),
                      _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
-                     f"{r['first_step_s']:.1f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"), r["quantized_layers"]])
+                     f"{r['first_step_s']:.1f}", f"{r['first_loss']:.4f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"),
+                     r["quantized_layers"]])
     lines.append(table(header, rows))
     for g in result.get("graph_breaks", []):
         lines.append(f"graph breaks {g['model']} {g['mode']} block {g['block']}: graphs={g.get('graphs')} "
@@ -325,7 +345,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds; later configurations are skipped")
-    parser.add_argument("--check-graph-breaks", action="store_true")
+    parser.add_argument("--check-graph-breaks", nargs="?", const="all", default="",
+                        help="torch._dynamo.explain of the first quantized block, for these models (default: all)")
     parser.add_argument("--profile", default="", help="comma list of model:mode, e.g. decoder:nvfp4-full")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run: small models, 2 steps")
@@ -336,13 +357,13 @@ def main() -> None:
         args.modes = "bf16,nvfp4-full" if args.quick else ",".join(MODES)
     for value, valid, flag in ((args.models, workloads(True), "--models"), (args.modes, MODES, "--modes"),
                                (args.compile, COMPILE_SETTINGS, "--compile")):
-        bad = [v for v in value.split(",") if v not in valid]
+        bad = [v for v in value.split(",") if v.removesuffix(TF32_SUFFIX) not in valid]
         if bad:
             parser.error(f"{flag}: {bad} not valid; valid choices: {', '.join(valid)}")
     if args.quick:  # every code path once, small enough for a CPU test: resnet18 stands in for resnet50
         args.warmup, args.steps, args.compile_backend = 0, 2, "eager"
         torch.set_num_threads(1)
-        args.check_graph_breaks = True
+        args.check_graph_breaks = args.check_graph_breaks or "all"
         args.profile = args.profile or f"{args.models.split(',')[0]}:nvfp4-full"
     result = run(args)
     print(report(result))
