@@ -63,14 +63,10 @@ KEY_OTHER_DTYPE = "fp4lab.other_dtype"
 KEY_CONFIG = "fp4lab.config"
 KEY_OTHER = "fp4lab.other_tensors"
 OTHER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
-# safetensors dtype tag -> (torch dtype, bytes per element)
-_ST_DTYPES = {
-    "BOOL": (torch.bool, 1), "U8": (torch.uint8, 1), "I8": (torch.int8, 1), "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4), "I64": (torch.int64, 8), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "F32": (torch.float32, 4), "F64": (torch.float64, 8),
-}
+# safetensors dtype tag -> bytes per element (the tags a torch state dict can produce)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _MATRIX_LAYOUT = {
     "Linear": "[out_features, in_features] (the weight itself)",
     "Conv2d": "[out_channels, kh*kw*in_channels], K ordered (kh, kw, in_channels)",
@@ -275,7 +271,10 @@ def save(model: nn.Module, path: str | Path, *, config: dict[str, Any] | None = 
         other_bytes += tensor.numel() * tensor.element_size()
     metadata[KEY_OTHER] = json.dumps(sorted(others))
     metadata[KEY_SHA256] = json.dumps({key: _sha256(tensor) for key, tensor in sorted(tensors.items())})
-    metadata[KEY_CONFIG] = json.dumps(config if config is not None else {})
+    try:
+        metadata[KEY_CONFIG] = json.dumps(config if config is not None else {})
+    except TypeError as exc:
+        raise QuantError(f"export: config must be JSON-serialisable ({exc})") from None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, str(path), metadata=metadata)
@@ -365,15 +364,15 @@ def _check_entry(where: str, name: str, entry: object, data_bytes: int) -> None:
         raise QuantError(f"{where}: tensor '{name}' has a malformed header entry (expected an object with dtype, "
                          f"shape and data_offsets, got {str(entry)[:80]!r}); the header is corrupted")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _ST_DTYPES:
-        raise QuantError(f"{where}: tensor '{name}' has dtype {dtype!r}; valid: {', '.join(_ST_DTYPES)}")
+    if dtype not in _ST_ITEMSIZE:
+        raise QuantError(f"{where}: tensor '{name}' has dtype {dtype!r}; valid: {', '.join(_ST_ITEMSIZE)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise QuantError(f"{where}: tensor '{name}' has shape {shape!r}; expected a list of integers >= 0")
     integers = isinstance(offsets, list) and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     if not integers or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
         raise QuantError(f"{where}: tensor '{name}' has data_offsets {offsets!r}; expected [begin, end]")
-    nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
+    nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise QuantError(f"{where}: tensor '{name}' ({dtype} {shape}) needs {nbytes} bytes but its data_offsets "
                          f"{offsets} span {offsets[1] - offsets[0]}; the header is corrupted")

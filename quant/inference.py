@@ -211,9 +211,6 @@ def check_buffers(spec: WeightSpec, buffers: dict[str, Tensor], where: str | Cal
 # Packed layers
 # ---------------------------------------------------------------------------------------------------------------------
 
-_FORWARD_SLOTS = ("fprop_input", "fprop_weight")
-
-
 class PackedQuantizer(LayerQuantizer):
     """A ``LayerQuantizer`` whose fprop weight operand is decoded from its layer's buffers.
 
@@ -225,10 +222,10 @@ class PackedQuantizer(LayerQuantizer):
         super().__init__(name, base.format, base.recipe, base.roles, base.seed)
         self.spec = spec
         self.codec = codec(spec.format, name)
-        self._buffers = buffers
+        self._module_buffers = buffers
 
     def weight_buffers(self) -> dict[str, Tensor]:
-        return {key: self._buffers[key] for key in self.codec.expected(self.spec)}
+        return {key: self._module_buffers[key] for key in self.codec.expected(self.spec)}
 
     def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False) -> Operand:
         if slot == "fprop_weight":

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conf.errors import ConfigError, UserError
 from quant.errors import QuantError
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 from tests.tiny import overrides
 from trainers.app import run, validate
 from trainers.job import Job
@@ -138,9 +138,15 @@ def test_bad_requests_name_the_problem(cfg_factory, baseline, args, error, messa
     assert message in str(caught.value)
 
 
-def test_export_options_without_a_format_are_refused(cfg_factory):
+def test_export_and_study_settings_are_validated_at_composition(cfg_factory):
     with pytest.raises(ConfigError, match="export.options and export.roles apply only with export.format"):
         validate(cfg_factory("export.roles=[weight]"))
+    with pytest.raises(ConfigError, match="export.format='int4' is not valid; valid choices: nvfp4, nf4, mxfp4"):
+        validate(cfg_factory("export.format=int4"))
+    with pytest.raises(ConfigError, match="pick the baseline arm with quant@study.baseline=<"):
+        validate(cfg_factory("experiment=unet_ptq_vs_qat", "study.baseline=fp16"))
+    typed = validate(cfg_factory("experiment=unet_ptq_vs_qat", "quant@study.baseline=fp16"))
+    assert typed.study.baseline.name == "fp16"
 
 
 def test_eval_of_a_corrupted_export_names_the_tensor(cfg_factory, baseline, tmp_path):
@@ -156,3 +162,14 @@ def test_eval_of_a_corrupted_export_names_the_tensor(cfg_factory, baseline, tmp_
     with pytest.raises(QuantError, match="tensor 'inc.conv.weight.codes' does not match its SHA-256"):
         eval_job = _job(cfg)
         MODES.get("eval")(eval_job)
+
+
+def test_command_line_eval_of_a_truncated_file_exits_with_one_message(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((1000).to_bytes(8, "little") + b'{"__metadata__": {}}')
+    result = subprocess.run([sys.executable, str(REPO / "main.py"), "mode=eval", f"ckpt_path={path}", "logger=csv",
+                             f"hydra.run.dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "the header claims 1000 bytes but the file has 20" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

@@ -12,7 +12,9 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from conf.errors import ConfigError
 from conf.schemas.common import check_range, store_schema
+from conf.schemas.quant import QuantConfig
 
 
 @dataclass
@@ -25,6 +27,9 @@ class PtqVsQatConfig:
     export: bool = True  # export the QAT model packed (export.*) and evaluate the file (the "packed" stage)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.baseline, QuantConfig):
+            raise ConfigError(f"study.baseline={self.baseline!r} is not a quant config; pick the baseline arm with "
+                              "quant@study.baseline=<bf16|fp16|fp32|...> (a conf/quant file)")
         if self.qat_max_steps is not None:
             check_range("study", "qat_max_steps", self.qat_max_steps, 1)
         if self.qat_lr is not None:

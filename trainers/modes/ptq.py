@@ -57,8 +57,8 @@ def load_weights(model: nn.Module, ckpt_path: str | Path) -> int:
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise UserError(f"ckpt_path={ckpt_path} does not hold weights of this model: "
-                        f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+        detail = " ".join(str(exc).split())  # PyTorch's multi-line list of missing / unexpected / mismatched keys
+        raise UserError(f"ckpt_path={ckpt_path} does not hold weights of this model: {detail[:300]}") from None
     return int(state.get("global_step", 0))
 
 
