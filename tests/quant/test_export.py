@@ -364,3 +364,17 @@ def test_mxfp4_file_decodes_with_the_format_module(tmp_path):
     q = mxfp4.MXFP4Tensor(codes=raw["0.weight.codes"], scales=raw["0.weight.scales"], shape=torch.Size((32, 64)),
                           dtype=torch.float32, scale_rule="rceil")
     assert torch.equal(mxfp4.dequantize(q), mxfp4.fake_quantize(model[0].weight.detach(), scale_rule="rceil"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["nvfp4", "nf4_dq", "mxfp4"])
+def test_loaded_model_on_cuda_equals_the_fake_quantized_model_on_cuda(tmp_path, name):
+    net = quantized_net(POLICIES[name])
+    export.save(net, tmp_path / "m.safetensors", other_dtype=torch.float32)
+    rebuilt = export.load_into(Net(), export.load(tmp_path / "m.safetensors", device="cuda")[0]).eval()
+    net.cuda()
+    x = torch.randn(2, 32, 8, 8, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(rebuilt.cuda()(x), net(x))
+    assert rebuilt.fc.quantizer.weight_buffers()["codes"].device.type == "cuda"
