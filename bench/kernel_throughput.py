@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     generator = torch.Generator(device=device).manual_seed(0)
     results: list[dict[str, object]] = []
     copies: dict[str, dict[str, object]] = {}
+    partial: dict[str, object] = {"environment": environment(device), "copies": copies, "rows": results, "sweep": [],
+                                  "launch_config": str(_launch_config())}
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         x = torch.randn(args.rows, args.cols, device=device).to(dtype)
         copy_out = torch.empty_like(x)
@@ -132,9 +134,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 if kernel_ops is not None and key in row:
                     row[f"speedup_vs_{key.removeprefix('reference_')}"] = row[key].median_ms / row["kernel"].median_ms
             results.append(row)
-    sweep = run_sweep(args, device, kernel_ops) if args.sweep and kernel_ops is not None else []
-    return {"environment": environment(device), "copies": copies, "rows": results, "sweep": sweep,
-            "launch_config": str(_launch_config())}
+            write_json(args.out, partial, quiet=True)  # partial results survive an outer timeout
+    if args.sweep and kernel_ops is not None:
+        partial["sweep"] = run_sweep(args, device, kernel_ops)
+    return partial
 
 
 def _launch_config():

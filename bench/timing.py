@@ -96,12 +96,14 @@ def environment(device: torch.device) -> dict[str, object]:
     return info
 
 
-def write_json(path: str | None, payload: dict[str, object]) -> None:
+def write_json(path: str | None, payload: dict[str, object], quiet: bool = False) -> None:
+    """Write ``payload`` as JSON (Timing as a dict, anything else unknown as str); no-op without a path."""
     if path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2, default=_jsonable))
-        print(f"wrote {out}")
+        if not quiet:
+            print(f"wrote {out}")
 
 
 def _jsonable(value: object) -> object:

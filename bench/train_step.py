@@ -273,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     rows.append({"model": name, "mode": mode, "compile": setting,
                                  "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
                     _release(device)
+                _add_ratios(rows)
+                write_json(args.out, result, quiet=True)  # partial results survive an outer timeout
     diagnose(result, args, works, device)
     _add_ratios(rows)
     return result
@@ -285,6 +287,7 @@ def diagnose(result: dict[str, object], args: argparse.Namespace, works: dict[st
         names = args.models.split(",") if args.check_graph_breaks == "all" else args.check_graph_breaks.split(",")
         result["graph_breaks"] = [graph_breaks(works[name], mode, device) for name in names
                                   for mode in args.modes.split(",") if mode != "bf16"]
+        write_json(args.out, result, quiet=True)
     if args.profile and "profile" not in result:
         result["profile"] = {}
         for spec in args.profile.split(","):
