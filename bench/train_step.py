@@ -9,13 +9,14 @@ batch already on the device, for models built by ``models.build_model`` from the
 * ``unet``: the GroupNorm UNet with the query mask head (default width), 256x256, 81 classes, batch 16.
 
 Modes: ``bf16`` (no quantization) and ``nvfp4-<backward>`` for ``dequantized``, ``full`` and ``high_precision``
-(a ``+tf32`` suffix runs the same mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whose operands are
-all BF16-exact under BF16 autocast, so TF32 changes only the accumulation order)
 (``quant.Recipe.backward``; TE's default recipe otherwise: 16x16 weights, SR on dY, RHT on the wgrad operands; the
-model's own high-precision layers, e.g. embeddings and stems, stay BF16). Each mode runs eager and with each block
+model's own high-precision layers, e.g. embeddings and stems, stay BF16). A ``+tf32`` suffix runs a mode with TF32
+matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact under BF16 autocast, so TF32
+changes only the accumulation. Each mode runs eager and, for ``--compile-models``, with each block
 (``quant.find_blocks``) compiled by ``torch.compile``. Times are medians of CUDA-event timings over ``--steps`` steps
-after ``--warmup`` steps (compilation happens there), with the 10th-90th percentile spread; ratios are against the
-BF16 step of the same compile setting, measured in the same run.
+after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile spread; ratios are
+against the BF16 step of the same compile setting, measured in the same run. Models run in the order given, eager
+rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
 
 ``--check-graph-breaks`` prints ``torch._dynamo.explain`` of the first quantized block's forward (graphs, breaks and
 their reasons); ``--profile`` records the top CUDA kernels of a few steps of one model/mode; ``--quick`` is a tiny
@@ -23,7 +24,7 @@ CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hen
 config schemas) and ``transformers`` (decoder).
 
 Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-full,...]
-  [--compile eager,blocks] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder,...]]
+  [--compile eager,blocks] [--compile-models decoder] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder]]
   [--profile decoder:nvfp4-full]
   [--out results.json] [--quick]
 """
@@ -258,10 +259,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     deadline = time.perf_counter() + args.time_limit
     rows: list[dict[str, object]] = []
     result: dict[str, object] = {"environment": environment(device), "rows": rows, "settings": dict(vars(args))}
-    for setting in args.compile.split(","):  # every eager row first: compilation is what a time limit cuts
-        if setting != "eager":
-            diagnose(result, args, works, device)
-        for name in args.models.split(","):
+    diagnose(result, args, works, device)
+    compiled_models = args.models.split(",") if args.compile_models == "all" else args.compile_models.split(",")
+    for name in args.models.split(","):  # model by model, in the order given: a time limit cuts the last ones
+        for setting in args.compile.split(","):
+            if setting != "eager" and name not in compiled_models:
+                continue
             for mode in args.modes.split(","):
                 if time.perf_counter() > deadline:
                     rows.append({"model": name, "mode": mode, "compile": setting, "skipped": "time limit"})
@@ -275,20 +278,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     _release(device)
                 _add_ratios(rows)
                 write_json(args.out, result, quiet=True)  # partial results survive an outer timeout
-    diagnose(result, args, works, device)
-    _add_ratios(rows)
     return result
 
 
 def diagnose(result: dict[str, object], args: argparse.Namespace, works: dict[str, Workload],
              device: torch.device) -> None:
-    """The graph-break check and the profiles (once per run, between the eager and the compiled rows)."""
-    if args.check_graph_breaks and "graph_breaks" not in result:
+    """The graph-break check and the profiles, first (a time limit cuts timing rows, not these)."""
+    if args.check_graph_breaks:
         names = args.models.split(",") if args.check_graph_breaks == "all" else args.check_graph_breaks.split(",")
         result["graph_breaks"] = [graph_breaks(works[name], mode, device) for name in names
                                   for mode in args.modes.split(",") if mode != "bf16"]
         write_json(args.out, result, quiet=True)
-    if args.profile and "profile" not in result:
+    if args.profile:
         result["profile"] = {}
         for spec in args.profile.split(","):
             name, mode = spec.split(":")
@@ -345,6 +346,7 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help=f"default: {','.join(MODES)} (--quick: bf16,nvfp4-full)")
     parser.add_argument("--compile", default=",".join(COMPILE_SETTINGS), help="eager and/or blocks")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-models", default="all", help="models that also get the compiled rows")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds; later configurations are skipped")
