@@ -14,6 +14,8 @@ Why a layer between ``quant.nvfp4`` / ``quant.mxfp4`` and the raw launchers:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,7 +28,7 @@ _SEED_HIGH = 1 << 62
 NAMESPACE = "fp4lab"
 
 
-def _custom_op(name: str, fn):
+def _custom_op(name: str, fn: Callable) -> torch.library.CustomOpDef:
     """Register ``fn`` as the functional custom op ``fp4lab::<name>`` (no inputs mutated or aliased)."""
     return torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
 
@@ -71,7 +73,7 @@ def _nvfp4_amax(x2d: Tensor, rht: bool, name: str) -> Tensor:
 
 
 def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
     amax = _nvfp4_amax(x2d, rht, name)
     codes, scales, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, None)
