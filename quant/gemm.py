@@ -69,4 +69,28 @@ def finish(acc: Tensor, alpha: Tensor | None, out_dtype: torch.dtype, bias: Tens
 def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
     """The TN GEMM ``a [M, K] @ b [N, K]^T -> [M, N]`` in ``out_dtype`` (bias [N] added in the epilogue)."""
     a32, b32, alpha = prepare(a, b, out_dtype)
-    return finish(a32 @ b32.t(), alpha, out_dtype, bias)
+    return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
+
+
+def _exact_in_bf16(a: Operand, b: Operand, compute_dtype: torch.dtype) -> bool:
+    """True when both prepared operands hold BF16-representable values (so a BF16 GEMM reads them exactly).
+
+    Scaled codes always are (SPEC 1.8); NVFP4 operands dequantized to a BF16 compute dtype are; plain tensors are when
+    they are BF16 tensors.
+    """
+    if is_nvfp4(a) and is_nvfp4(b):
+        return True
+    return all((is_nvfp4(op) and compute_dtype == torch.bfloat16) or (not is_nvfp4(op) and op.dtype == torch.bfloat16)
+               for op in (a, b))
+
+
+def _contract(a32: Tensor, b32: Tensor, exact_in_bf16: bool) -> Tensor:
+    """``a32 [M, K] @ b32 [K, N]`` with FP32 accumulation and an FP32 result.
+
+    On CUDA, operands whose values are exact in BF16 go through a BF16 tensor-core GEMM with an FP32 output
+    (``torch.mm(..., out_dtype=float32)``): the same products and the same FP32 accumulation as the float32 matmul,
+    about 2x the speed of TF32 and 10x that of an FP32 GEMM on Hopper. Elsewhere the float32 matmul runs.
+    """
+    if exact_in_bf16 and a32.is_cuda:
+        return torch.mm(a32.to(torch.bfloat16), b32.to(torch.bfloat16), out_dtype=torch.float32)
+    return a32 @ b32
