@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant import numerics
+from quant import distributed, numerics
 from quant.errors import QuantError, check_finite, check_float_tensor, describe
 
 FORMAT = "FP8"
@@ -53,13 +53,18 @@ def current_scale(amax: Tensor, fmt: str) -> Tensor:
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
-def quantize(x: Tensor, fmt: str = "e4m3", name: str | None = None) -> FP8Tensor:
-    """Per-tensor current-scaled FP8 of x (any shape)."""
+def quantize(x: Tensor, fmt: str = "e4m3", name: str | None = None,
+             amax_reduce: distributed.AmaxReducer | None = None) -> FP8Tensor:
+    """Per-tensor current-scaled FP8 of x (any shape). ``amax_reduce`` replaces the amax before the scale is derived
+    (TE's ``with_amax_reduction``; it runs before the finiteness check so a collective is reached on every rank)."""
     check_float_tensor(x, FORMAT, name)
     _check_fmt(fmt, name)
     xf = x.detach().to(torch.float32)
     amax = xf.abs().amax()
+    group_amax = amax_reduce(amax) if amax_reduce is not None else None
     check_finite(amax, xf, FORMAT, name)
+    if group_amax is not None:
+        amax = distributed.checked_group_amax(amax, group_amax, FORMAT, name)
     scale = current_scale(amax, fmt)
     data = FMTS[fmt][1](xf * scale)
     return FP8Tensor(
@@ -72,6 +77,7 @@ def dequantize(q: FP8Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return (FMTS[q.fmt][2](q.data) * q.scale_inv).to(dtype)
 
 
-def fake_quantize(x: Tensor, fmt: str = "e4m3", name: str | None = None) -> Tensor:
+def fake_quantize(x: Tensor, fmt: str = "e4m3", name: str | None = None,
+                  amax_reduce: distributed.AmaxReducer | None = None) -> Tensor:
     """dequantize(quantize(x, fmt)) in x.dtype. Not differentiable (no autograd)."""
-    return dequantize(quantize(x, fmt=fmt, name=name), dtype=x.dtype)
+    return dequantize(quantize(x, fmt=fmt, name=name, amax_reduce=amax_reduce), dtype=x.dtype)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from quant import gemm, layer_formats
+from quant import distributed, gemm, layer_formats
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.layer_formats import LayerFormat, SlotRequest
@@ -71,18 +71,24 @@ _SLOT_WORDS = {
 
 
 class LayerQuantizer:
-    """The quantization state of one layer: format, recipe, quantized roles, and its stochastic-rounding stream.
+    """The quantization state of one layer: format, recipe, quantized roles, its stochastic-rounding stream and how
+    its activation and gradient amax are shared across data-parallel ranks (``quant.distributed``).
 
-    The SR generator is created lazily on the device of the first tensor it serves, seeded with ``seed``; its state
-    can be read and restored (``sr_state`` / ``load_sr_state``) so a resumed run continues the same stream.
+    The SR generator is created lazily on the device of the first tensor it serves, seeded with
+    ``distributed.rank_seed(seed, rank)`` (``seed`` on rank 0 and without a process group); its state can be read and
+    restored (``sr_state`` / ``load_sr_state``) so a resumed run continues the same stream. Checkpoints hold rank 0's
+    state: a state loaded on a rank r > 0 is taken as rank 0's, and rank r continues on a stream seeded from that
+    state and r, so ranks still draw different bits after a resume.
     """
 
-    def __init__(self, name: str, fmt: LayerFormat, recipe: Recipe, roles: frozenset[str], seed: int) -> None:
+    def __init__(self, name: str, fmt: LayerFormat, recipe: Recipe, roles: frozenset[str], seed: int,
+                 amax_reduction: str = "none") -> None:
         self.name = name
         self.format = fmt
         self.recipe = recipe
         self.roles = frozenset(roles)
         self.seed = int(seed)
+        self.amax_reduction = distributed.AmaxReduction(amax_reduction)
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
 
@@ -109,17 +115,27 @@ class LayerQuantizer:
 
     def __repr__(self) -> str:
         roles = ", ".join(f"{k}={v}" for k, v in self.describe_roles().items())
-        return f"LayerQuantizer({self.name!r}, backward={self.backward}, {roles})"
+        reduction = self.amax_reduction.describe()
+        shared = "" if reduction == "none" else f", amax_reduction={reduction}"
+        return f"LayerQuantizer({self.name!r}, backward={self.backward}, {roles}{shared})"
 
     # -- stochastic rounding stream -------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
+            self._generator.manual_seed(distributed.rank_seed(self.seed, distributed.process_rank()))
             if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
+                self._restore(self._generator, self._pending_state)
                 self._pending_state = None
         return self._generator
+
+    @staticmethod
+    def _restore(generator: torch.Generator, state: Tensor) -> None:
+        rank = distributed.process_rank()
+        if rank == 0:
+            generator.set_state(state)
+        else:  # a checkpoint's state is rank 0's: continue on a stream of this rank's own
+            generator.manual_seed(distributed.rank_seed(distributed.state_seed(state), rank))
 
     def sr_state(self) -> Tensor:
         """The SR generator's state (a CPU uint8 tensor); the seeded initial state if it has not been used yet."""
@@ -128,19 +144,20 @@ class LayerQuantizer:
         if self._pending_state is not None:
             return self._pending_state.clone()
         fresh = torch.Generator()
-        fresh.manual_seed(self.seed)
+        fresh.manual_seed(distributed.rank_seed(self.seed, distributed.process_rank()))
         return fresh.get_state()
 
     def load_sr_state(self, state: Tensor) -> None:
         """Restore a state from ``sr_state``; applied now, or on first use if the generator does not exist yet."""
         if self._generator is not None:
-            self._generator.set_state(state)
+            self._restore(self._generator, state)
         else:
             self._pending_state = state.clone()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_pending_state"] = self.sr_state()  # a Generator does not survive pickling on every device
+        # A Generator does not survive pickling on every device; an unused one is re-seeded (per rank) after loading.
+        state["_pending_state"] = None if self._generator is None and self._pending_state is None else self.sr_state()
         state["_generator"] = None
         return state
 
@@ -171,8 +188,11 @@ class LayerQuantizer:
         """Quantize the 2-D operand ``x`` of ``slot`` if its role is quantized, else return it in the compute dtype."""
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
-        generator = self.generator(x.device) if layer_formats.SLOT_ROLE[slot] == "grad" else None
-        request = SlotRequest(slot=slot, name=f"{self.name} {_SLOT_WORDS[slot]}", rht=rht, generator=generator)
+        role = layer_formats.SLOT_ROLE[slot]
+        generator = self.generator(x.device) if role == "grad" else None
+        amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
+        request = SlotRequest(slot=slot, name=f"{self.name} {_SLOT_WORDS[slot]}", rht=rht, generator=generator,
+                              amax_reduce=amax_reduce)
         return self.format.quantize(x, request, self.recipe, compute_dtype)
 
     def dgrad_weight(self, fprop_matrix: Tensor, to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Operand:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from quant import fp8, int4, mxfp4, nf4, nvfp4
+from quant import distributed, fp8, int4, mxfp4, nf4, nvfp4
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.recipe import Recipe
@@ -54,6 +54,7 @@ class SlotRequest:
     name: str  # e.g. "layers.0.mlp.fc1 output gradient (wgrad)"
     rht: bool = False  # apply the RHT along the last dim (NVFP4 wgrad operands only)
     generator: torch.Generator | None = None  # stochastic rounding stream (grad slots)
+    amax_reduce: distributed.AmaxReducer | None = None  # global-amax reduction across ranks (per_tensor_amax formats)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class LayerFormat:
     backward_modes: ClassVar[tuple[str, ...]] = ("full", "dequantized", "high_precision")
     default_backward: ClassVar[str] = "full"  # TE's default for NVFP4 and FP8; straight-through for the others
     nvfp4_recipe_switches: ClassVar[bool] = False  # honours Recipe's RHT / SR / 2D switches (NVFP4 only)
+    per_tensor_amax: ClassVar[bool] = False  # scales derive from one amax per tensor (can be reduced across ranks)
     # slots whose blocked (last) dim must be a multiple of ``block``; wgrad slots are blocked along padded tokens
     blocked_slots: ClassVar[tuple[str, ...]] = ("fprop_input", "fprop_weight", "dgrad_grad", "dgrad_weight")
     # True for weight-storage formats (NF4, INT4): every GEMM dequantizes the one stored weight, so the dgrad GEMM
@@ -115,6 +117,7 @@ class NVFP4Layer(LayerFormat):
 
     name: ClassVar[str] = "nvfp4"
     nvfp4_recipe_switches: ClassVar[bool] = True
+    per_tensor_amax: ClassVar[bool] = True
 
     @property
     def block(self) -> int:
@@ -125,7 +128,8 @@ class NVFP4Layer(LayerFormat):
         tile = recipe.weight_tile if role == "weight" else (1, nvfp4.BLOCK)
         stochastic = role == "grad" and recipe.stochastic_rounding
         return nvfp4.quantize(
-            x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name
+            x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name,
+            amax_reduce=request.amax_reduce,
         )
 
     def rht_applies(self, recipe: Recipe) -> bool:
@@ -224,6 +228,7 @@ class FP8Layer(LayerFormat):
     dY)."""
 
     name: ClassVar[str] = "fp8"
+    per_tensor_amax: ClassVar[bool] = True
     OPTION_CHOICES: ClassVar[dict[str, tuple[Any, ...]]] = {"fp8_format": ("hybrid", "e4m3", "e5m2")}
     fp8_format: str = "hybrid"
 
@@ -234,7 +239,7 @@ class FP8Layer(LayerFormat):
 
     def quantize(self, x: Tensor, request: SlotRequest, recipe: Recipe, compute_dtype: torch.dtype) -> Operand:
         fmt = self.element_format(SLOT_ROLE[request.slot])
-        return fp8.fake_quantize(x, fmt=fmt, name=request.name).to(compute_dtype)
+        return fp8.fake_quantize(x, fmt=fmt, name=request.name, amax_reduce=request.amax_reduce).to(compute_dtype)
 
     def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
         return f"fp8 {self.element_format(role)} per-tensor"

@@ -6,7 +6,8 @@ byte on CPU and GPU, so a study run without Blackwell predicts what Blackwell do
 one IEEE binary32 operation with round-to-nearest-even (PyTorch computes float32 tensor ops in float32; every constant
 below is a float32 tensor on the input's device, so no step is done in float64 or replaced by a reciprocal multiply):
 
-1. A = max |x| in FP32 (after the RHT for RHT'ed operands). NaN/Inf raise QuantError naming the tensor.
+1. A = max |x| in FP32 (after the RHT for RHT'ed operands). NaN/Inf raise QuantError naming the tensor. With an
+   amax reduction (TE's `with_amax_reduction`, `quant.distributed`) A is the MAX of that over the ranks.
 2. S_enc = fp32(2688 / A), capped at FLT_MAX, and 1.0 when A == 0 (TE's kernel; its reference gives FLT_MAX, same
    bytes). S_dec = fp32(1 / S_enc).
 3. Folded multiplier m = fp32(S_enc * fp32(1/6)); block decode scale s = fp32(b * m) rounded ONCE to E4M3 (RNE,
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant import kernels, numerics, rht as rht_transform
+from quant import distributed, kernels, numerics, rht as rht_transform
 from quant.errors import QuantError, check_finite, check_float_tensor, describe
 
 FORMAT = "NVFP4"
@@ -115,21 +116,29 @@ def _block_amax(xp: Tensor, tile: tuple[int, int]) -> Tensor:
 
 
 def _quantize_unpacked(
-    x: Tensor, tile: tuple[int, int], rht: bool, stochastic: bool, generator: torch.Generator | None, name: str | None
+    x: Tensor, tile: tuple[int, int], rht: bool, stochastic: bool, generator: torch.Generator | None, name: str | None,
+    amax_reduce: distributed.AmaxReducer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SPEC 1.2 steps 1-9: x [..., K] -> (codes uint8 [M, Kp] unpacked, scale bytes uint8 [M, Kp/16], amax fp32).
 
-    `tile` must already be validated by `_check_tile`.
+    `tile` must already be validated by `_check_tile`. `amax_reduce` maps the local amax (after the RHT if `rht`)
+    to the one the scales use; it runs before the finiteness checks, so a collective reduction is reached on every
+    rank even when this rank's tensor holds a NaN.
     """
     check_float_tensor(x, FORMAT, name)
     x2d = x.detach().reshape(-1, x.shape[-1])  # [M, K]
     xf = x2d.to(torch.float32).contiguous()
-    amax = xf.abs().amax()
-    check_finite(amax, xf, FORMAT, name)
-    if rht:
-        xf = rht_transform.apply(x2d, name=name).to(torch.float32)
-        amax = xf.abs().amax()
+    input_amax = amax = xf.abs().amax()
+    rotated = rht_transform.apply(x2d, name=name).to(torch.float32) if rht else None  # [M, K]
+    if rotated is not None:
+        amax = rotated.abs().amax()
+    group_amax = amax_reduce(amax) if amax_reduce is not None else None
+    check_finite(input_amax, xf, FORMAT, name)
+    if rotated is not None:
+        xf = rotated
         check_finite(amax, xf, FORMAT, name, stage="after the RHT (BF16 overflow)")
+    if group_amax is not None:
+        amax = distributed.checked_group_amax(amax, group_amax, FORMAT, name)
     m_rows, k = xf.shape
     pad_rows = (-m_rows) % BLOCK if tile == (BLOCK, BLOCK) else 0
     xp = torch.nn.functional.pad(xf, (0, (-k) % BLOCK, 0, pad_rows))  # [Mp, Kp]
@@ -157,17 +166,20 @@ def quantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     name: str | None = None,
+    amax_reduce: distributed.AmaxReducer | None = None,
 ) -> NVFP4Tensor:
     """Quantize x (float32/bfloat16/float16; float64 is rounded to float32 first) to NVFP4 as TE does.
 
     x is viewed as [-1, x.shape[-1]] and blocked along the last dim. tile: (1, 16) or (16, 16). rht: apply TE's RHT
     along the last dim first (bfloat16 input, last dim % 16 == 0). stochastic: SR with 8 bits/element from
-    `generator`. name: how errors refer to the tensor (e.g. "layer3.conv1 weight").
+    `generator`. name: how errors refer to the tensor (e.g. "layer3.conv1 weight"). amax_reduce: replaces the
+    global amax before the scales are derived (TE's `with_amax_reduction`, e.g. `quant.distributed.all_reduce_amax`);
+    the fused CUDA kernels take no external amax, so such a call runs the PyTorch code below (same bytes).
     """
-    if kernels.enabled_for(x):
+    if kernels.enabled_for(x) and amax_reduce is None:
         return kernels.load().nvfp4_quantize(x, tile, rht, stochastic, generator, name)
     tile = _check_tile(tile, name)
-    codes, scale_bytes, amax = _quantize_unpacked(x, tile, rht, stochastic, generator, name)
+    codes, scale_bytes, amax = _quantize_unpacked(x, tile, rht, stochastic, generator, name, amax_reduce)
     return NVFP4Tensor(
         codes=numerics.pack_nibbles(codes),
         scales=scale_bytes,
@@ -212,11 +224,13 @@ def fake_quantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     name: str | None = None,
+    amax_reduce: distributed.AmaxReducer | None = None,
 ) -> Tensor:
     """dequantize(quantize(x, ...)) in x.dtype, without the packing round trip. Not differentiable (no autograd)."""
-    if kernels.enabled_for(x):
+    if kernels.enabled_for(x) and amax_reduce is None:
         return kernels.load().nvfp4_fake_quantize(x, tile, rht, stochastic, generator, name)
-    codes, scale_bytes, amax = _quantize_unpacked(x, _check_tile(tile, name), rht, stochastic, generator, name)
+    codes, scale_bytes, amax = _quantize_unpacked(x, _check_tile(tile, name), rht, stochastic, generator, name,
+                                                  amax_reduce)
     return _restore(_decode(codes, scale_bytes, amax), x.shape, x.dtype, rotated=rht, undo_rht=False)
 
 

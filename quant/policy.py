@@ -27,6 +27,10 @@ Roles: ``weight``, ``input`` (the activation X), ``grad`` (the output gradient d
 ``backward=full``). ``roles=None`` means the format's default (NVFP4, FP8: all three; MXFP4: weight and input; NF4,
 INT4: weight only). ``recipe=None`` means the format's default: TE's ``NVFP4BlockScaling()`` defaults (``full``
 backward) for NVFP4 and FP8, the straight-through ``dequantized`` backward for MXFP4, NF4 and INT4.
+
+Data parallelism (``quant.distributed``): ``amax_reduction="none"`` quantizes activations and gradients with each
+rank's own amax, as TE does under data parallelism; ``"world"`` reduces their amax (MAX) over all ranks (formats with
+a per-tensor amax: NVFP4, FP8). Weights are identical across ranks and never reduced. SR seeds differ per rank.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from quant import layer_formats
+from quant.distributed import AMAX_REDUCTIONS
 from quant.errors import QuantError
 from quant.functional import LayerQuantizer
 from quant.layer_formats import LayerFormat
@@ -82,6 +87,7 @@ class Policy:
     block_containers: tuple[str, ...] | None = None
     model_defaults: bool = True
     seed: int = 0
+    amax_reduction: str = "none"  # "world": MAX of the activation/gradient amax over all data-parallel ranks
 
     def __post_init__(self) -> None:
         if self.format not in formats():
@@ -106,6 +112,10 @@ class Policy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
                 raise QuantError(f"Policy.{name}={value!r} is not valid; expected an integer >= 0")
+        if self.amax_reduction not in AMAX_REDUCTIONS:
+            raise QuantError(
+                f"Policy.amax_reduction={self.amax_reduction!r} is not valid; valid choices: {', '.join(AMAX_REDUCTIONS)}"
+            )
         if not isinstance(self.model_defaults, bool):
             raise QuantError(f"Policy.model_defaults={self.model_defaults!r} is not valid; valid choices: True, False")
         options = dict(self.options) if isinstance(self.options, Mapping) else self.options
@@ -117,11 +127,22 @@ class Policy:
                 raise QuantError(
                     "Policy.roles and Policy.options must be empty with format='none' (nothing is quantized)"
                 )
+            if self.amax_reduction != "none":
+                raise QuantError(
+                    f"Policy.amax_reduction={self.amax_reduction!r} has no effect with format='none' (nothing is "
+                    "quantized); valid choices: none"
+                )
             return
         self._check_format_fields()
 
     def _check_format_fields(self) -> None:
         fmt = self.layer_format  # validates the options
+        if self.amax_reduction != "none" and not fmt.per_tensor_amax:
+            with_amax = [name for name, cls in layer_formats.LAYER_FORMATS.items() if cls.per_tensor_amax]
+            raise QuantError(
+                f"Policy.amax_reduction={self.amax_reduction!r} has no effect with format={self.format}: its scales "
+                f"come from blocks, not from a per-tensor amax; formats with a per-tensor amax: {', '.join(with_amax)}"
+            )
         object.__setattr__(self, "options", tuple(sorted(fmt.options().items())))
         if self.roles is not None:
             roles = _as_str_tuple("Policy", "roles", self.roles)
@@ -168,6 +189,7 @@ class Policy:
             recipe=self.recipe,
             roles=self.effective_roles,
             seed=self.seed * _SEED_STRIDE + index,
+            amax_reduction=self.amax_reduction,
         )
 
     def describe(self) -> str:
@@ -183,7 +205,7 @@ class Policy:
         parts += [f"{key}={value}" for key, value in self.options]
         defaults = Policy()
         for name in ("include", "exclude", "include_types", "exclude_types", "keep_first_n", "keep_last_n",
-                     "block_containers", "model_defaults", "seed"):
+                     "block_containers", "model_defaults", "seed", "amax_reduction"):
             if getattr(self, name) != getattr(defaults, name):
                 parts.append(f"{name}={getattr(self, name)}")
         return " ".join(parts)

@@ -118,6 +118,9 @@ def policy_gap(policy: Policy, fp8_recipe: str = "current") -> str | None:
     if policy.format not in TE_FORMATS:
         return (f"Transformer Engine has no recipe for format={policy.format} (TE runs nvfp4 with NVFP4BlockScaling "
                 "and fp8 with DelayedScaling, Float8CurrentScaling or Float8BlockScaling)")
+    if policy.amax_reduction != "none":
+        return (f"amax_reduction={policy.amax_reduction}: TE's layers reduce no activation or gradient amax under data "
+                "parallelism (TE does it only for sequence-parallel layers, over their tensor-parallel group)")
     backward = policy.recipe.backward
     needed = {"weight", "input"} | ({"grad"} if backward == "full" else set())
     missing = sorted(needed - policy.effective_roles)

@@ -11,6 +11,10 @@ modules (or a clear error with TE's reason), ``auto`` TE where it can serve the 
 (``quant.te_backend.resolve_backend``, called by ``trainers.job``; see docs/te.md). ``fp8_recipe`` picks TE's FP8
 recipe for ``format=fp8``: ``current`` (Float8CurrentScaling, what the emulation implements), ``delayed``
 (DelayedScaling) or ``block`` (Float8BlockScaling); the last two run on TE only.
+
+``amax_reduction`` is for data-parallel runs (``trainer=ddp|fsdp``, docs/distributed.md): ``none`` quantizes
+activations and gradients with each rank's own amax, as TE does; ``world`` takes the MAX over all ranks (nvfp4 and fp8,
+emulated backend only: TE has no such option for data parallelism, so ``auto`` then runs the emulation).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from omegaconf import MISSING
 import quant
 from conf.errors import ConfigError
 from conf.schemas.common import check_choice, store_schema
+from quant.distributed import AMAX_REDUCTIONS
 from quant.policy import QUANTIZABLE_TYPES, default_recipe, formats
 from quant.recipe import BACKWARD_MODES
 from quant.te_backend import BACKENDS, FP8_RECIPES
@@ -55,6 +60,7 @@ class QuantConfig:
     block_containers: Optional[list[str]] = None  # null = the model's quant_block_containers or auto-detection
     model_defaults: bool = True  # honour the model's high_precision_modules (UNet stem/head, LLM embeddings/head)
     seed: int = 0  # stochastic-rounding seed; the YAML files set ${seed} so it follows the run's seed
+    amax_reduction: str = "none"  # none | world: activation/gradient amax per rank, or the MAX over all ranks
 
     def __post_init__(self) -> None:
         check_choice("quant", "precision", self.precision, PRECISIONS)
@@ -70,6 +76,7 @@ class QuantConfig:
                               "quant.backend=te|auto on a GPU with TE")
         if self.backward is not None:
             check_choice("quant", "backward", self.backward, BACKWARD_MODES)
+        check_choice("quant", "amax_reduction", self.amax_reduction, AMAX_REDUCTIONS)
         if self.format == "nvfp4" and self.precision == "16-mixed":
             raise ConfigError(
                 "quant.precision=16-mixed is not valid with quant.format=nvfp4: TE's FP4 GEMM has no FP16 output and "
@@ -111,6 +118,7 @@ class QuantConfig:
                 block_containers=None if self.block_containers is None else tuple(self.block_containers),
                 model_defaults=self.model_defaults,
                 seed=self.seed,
+                amax_reduction=self.amax_reduction,
             )
         except quant.QuantError as exc:
             raise ConfigError(f"quant (policy {self.name!r}): {exc}") from None
