@@ -59,10 +59,11 @@ class BaseDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_set, "train")
+        sampler = SeededSampler(len(dataset), self.seed)  # this rank's share under data parallelism
         return self._loader(
             dataset,
-            sampler=SeededSampler(len(dataset), self.seed),
-            drop_last=len(dataset) >= self.cfg.batch_size,  # constant batch shape while there is a full batch
+            sampler=sampler,
+            drop_last=len(sampler) >= self.cfg.batch_size,  # constant batch shape while there is a full batch
         )
 
     def val_dataloader(self) -> DataLoader:

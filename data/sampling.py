@@ -5,6 +5,12 @@ served, so a resumed run would see other batches than an uninterrupted one, and 
 on worker scheduling. Here the sampler draws the permutation *and* one augmentation seed per sample from a
 ``torch.Generator`` seeded by ``(seed, epoch)``; datasets build their per-sample ``numpy`` generator from that seed.
 Lightning calls ``set_epoch`` on the sampler at the start of every epoch.
+
+Under data parallelism the sampler is rank-aware (``SeededSampler`` is a ``DistributedSampler``): Lightning would
+otherwise wrap it in a ``DistributedSamplerWrapper``, which shards its output but never passes ``set_epoch`` on, so
+every epoch would repeat epoch 0's order and augmentation seeds. Rank r of R takes positions r, r + R, r + 2R, ... of
+the epoch's global order, so the ranks' b-th local batches together are the single-process b-th batch of R times the
+size, each sample with the same augmentation seed.
 """
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 SampleKey = tuple[int, int]  # (dataset index, augmentation seed)
 
@@ -23,26 +30,33 @@ def mix_seed(*parts: int) -> int:
     return int(state) >> 1
 
 
-class SeededSampler(Sampler[SampleKey]):
-    """Yields ``(index, augmentation_seed)`` over ``range(n)``, reshuffled per epoch as a function of (seed, epoch)."""
+class SeededSampler(DistributedSampler):
+    """Yields ``(index, augmentation_seed)`` over ``range(n)``, reshuffled per epoch as a function of (seed, epoch);
+    under data parallelism only this rank's share (module docstring).
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    ``num_replicas`` / ``rank`` default to the default process group's world size and rank when one exists (Lightning
+    builds the train loader after it has set up the group), else to 1 and 0. The epoch's order is padded by wrapping
+    around to a multiple of ``num_replicas``, as ``DistributedSampler`` does, so every rank yields the same count.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.n = n
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[SampleKey]:
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=generator) if self.shuffle else torch.arange(self.n)  # [n]
         aug_seeds = torch.randint(0, 2**62, (self.n,), generator=generator)  # [n]
-        return iter(zip(order.tolist(), aug_seeds.tolist()))
+        keys = list(zip(order.tolist(), aug_seeds.tolist()))
+        keys = (keys * -(-self.total_size // max(self.n, 1)))[: self.total_size]  # wrap-around padding
+        return iter(keys[self.rank : self.total_size : self.num_replicas])
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
 
 def resolve_key(key: int | SampleKey, base_seed: int) -> tuple[int, np.random.Generator]:
