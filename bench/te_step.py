@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: a smoke run (CPU or GPU)")
     args = parser.parse_args()
+    # Import TE before the first CUDA kernel: once torch has loaded the pip cuDNN, TE's loader picks the system
+    # libcudnn_cnn and fails with an undefined symbol (seen on the device image: torch 2.11 + cuDNN 9.19 vs 9.14).
+    te_backend.load_te()
     if args.quick:
         args.d_model, args.layers, args.heads, args.kv_heads, args.ffn = 64, 1, 2, 1, 128
         args.vocab, args.seq, args.batch, args.steps, args.warmup = 256, 32, 2, 2, 1

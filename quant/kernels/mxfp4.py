@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
-from quant.kernels.rounding import e2m1_code_value, e2m1_magnitude, e2m1_rne_index, exp2i, store_values
+from quant.kernels.rounding import e2m1_code_value, e2m1_magnitude, e2m1_rne_index, exp2i, store_values, with_sign
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
 
@@ -89,7 +89,7 @@ def _mxfp4_kernel(
                  mask=row_ok[:, None] & (scale_cols < KP // 32)[None, :])
     if WRITE_VALUES:
         magnitude = e2m1_magnitude(index)
-        values = tl.where(negative, -magnitude, magnitude) * _exp2i_wide(exponent)[:, :, None]
+        values = with_sign(magnitude, negative) * _exp2i_wide(exponent)[:, :, None]
         values = tl.reshape(tl.where(poisoned[:, :, None], float("nan"), values), (BM, BK))
         store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
                      OUT_BF16_BITS)

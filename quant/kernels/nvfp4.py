@@ -39,6 +39,7 @@ from quant.kernels.rounding import (
     e4m3_value,
     rht_tile,
     store_values,
+    with_sign,
 )
 from quant.nvfp4 import BLOCK, E2M1_X_E4M3, INV_2688, INV_6
 
@@ -175,7 +176,7 @@ def _quantize_kernel(
                  mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :])
     if WRITE_VALUES:
         factor = (scale * amax) * INV_2688  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
-        values = tl.where(negative, -magnitude, magnitude) * factor[:, :, None]
+        values = with_sign(magnitude, negative) * factor[:, :, None]
         values = tl.reshape(tl.where(poisoned, float("nan"), values), (BM, BK))
         cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
         store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],

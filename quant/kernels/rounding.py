@@ -93,10 +93,19 @@ def e2m1_sr_magnitude(a, u):
 
 
 @triton.jit
+def with_sign(magnitude, negative):
+    """float32 magnitude (>= 0) with its sign bit set where ``negative``: -0.0 stays -0.0.
+
+    Done on the bits because the GPU compiler does not keep the sign of zero through ``where(c, -m, m)`` (seen on an
+    H100 with Triton 3.6: code 8 decoded to +0.0, while TE's dequantize gives -0.0)."""
+    bits = magnitude.to(tl.uint32, bitcast=True) | (negative.to(tl.uint32) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e2m1_code_value(code):
     """4-bit E2M1 code (int32, 0..15) -> signed float32 value (code 8 is -0.0)."""
-    magnitude = e2m1_magnitude(code & 7)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
+    return with_sign(e2m1_magnitude(code & 7), (code & 8) != 0)
 
 
 @triton.jit
