@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conf.errors import ConfigError, DataError
 from data.info import DataInfo
-from data.sampling import SeededSampler
+from data.sampling import ResumableDataLoader, SeededSampler
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -62,6 +62,7 @@ class BaseDataModule(L.LightningDataModule):
         sampler = SeededSampler(len(dataset), self.seed)  # this rank's share under data parallelism
         return self._loader(
             dataset,
+            resumable=True,
             sampler=sampler,
             drop_last=len(sampler) >= self.cfg.batch_size,  # constant batch shape while there is a full batch
         )
@@ -72,10 +73,16 @@ class BaseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._require(self.val_set, "val"))
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, resumable: bool = False, **kwargs: Any) -> DataLoader:
+        """``resumable``: the loader's position in the epoch goes into checkpoints (``data/sampling.py``). Every loader
+        draws its iterator seed from its own generator, not the global torch RNG, so that creating one (for
+        validation, say) does not shift the random numbers training draws next: a resumed run skips the validation
+        that ran after its checkpoint was written."""
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
-        return DataLoader(
+        loader_cls = ResumableDataLoader if resumable else DataLoader
+        return loader_cls(
             dataset,
+            generator=torch.Generator().manual_seed(self.seed),
             batch_size=self.cfg.batch_size,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,

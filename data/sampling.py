@@ -11,15 +11,21 @@ otherwise wrap it in a ``DistributedSamplerWrapper``, which shards its output bu
 every epoch would repeat epoch 0's order and augmentation seeds. Rank r of R takes positions r, r + R, r + 2R, ... of
 the epoch's global order, so the ranks' b-th local batches together are the single-process b-th batch of R times the
 size, each sample with the same augmentation seed.
+
+``ResumableDataLoader`` adds the position inside the epoch: Lightning stores the ``state_dict`` of a train loader
+that has one in the checkpoint (``loops.fit_loop.combined_loader``) and hands it back on resume, so a run killed
+mid-epoch continues with the next unseen batch instead of replaying the epoch from its start. Together with the
+(seed, epoch) order this makes a resumed run see exactly the batches of an uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from itertools import islice
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 SampleKey = tuple[int, int]  # (dataset index, augmentation seed)
 
@@ -70,3 +76,64 @@ def resolve_key(key: int | SampleKey, base_seed: int) -> tuple[int, np.random.Ge
     else:
         index, aug_seed = int(key), mix_seed(base_seed, int(key))
     return index, np.random.default_rng(aug_seed)
+
+
+class _SkipFirstBatches:
+    """The loader's batch sampler with the first ``skip`` batches of its *next* pass left out (then reset to 0)."""
+
+    def __init__(self, batches: Iterable[list[Any]]) -> None:
+        self.batches = batches
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        skip, self.skip = self.skip, 0
+        return islice(iter(self.batches), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # the full epoch: Lightning counts the skipped batches as already fetched
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch (batches handed out) is saved and restored by Lightning.
+
+    ``state_dict`` = ``{"epoch": the sampler's epoch, "batches": batches yielded in this pass}``, counted where the
+    batches leave the loader (worker prefetching does not count). ``load_state_dict`` makes the next pass over the
+    same epoch skip that many batches of indices (nothing is loaded for them); a pass over another epoch (the
+    checkpoint was written at an epoch's end) starts from its beginning.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The iterator starts lazily (after a resume has restored the global RNG), so its seed draw must not come
+        # from the global RNG: that would shift every random number training draws afterwards.
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator().manual_seed(0)
+        super().__init__(*args, **kwargs)
+        self._skipper = _SkipFirstBatches(super()._index_sampler)
+        self._served = 0  # batches yielded by the current pass
+        self._resume: dict[str, int] | None = None
+
+    @property
+    def _index_sampler(self) -> _SkipFirstBatches:
+        return self._skipper
+
+    def _epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch(), "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self._resume["epoch"])  # Lightning sets the epoch only after creating the iterator
+
+    def __iter__(self) -> Iterator[Any]:  # a generator: runs at the first next(), after Lightning's set_epoch
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self._epoch():
+            skip = self._resume["batches"]
+        self._resume = None
+        self._skipper.skip = skip
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch

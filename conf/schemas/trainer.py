@@ -1,7 +1,8 @@
 """Schema of ``conf/trainer/*``: the arguments handed straight to ``lightning.Trainer``.
 
 Why a schema instead of ``**kwargs``: a misspelt Trainer argument must fail at composition time with the list of
-valid keys, not deep inside Lightning after the data has been loaded.
+valid keys, not deep inside Lightning after the data has been loaded. The keys in ``FP4LAB_KEYS`` are fp4lab's own
+(periodic checkpoints, what to do on a NaN/Inf); ``trainers/reliability`` reads them, Lightning never sees them.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Optional
 from conf.schemas.common import check_choice, check_range, store_schema
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+NONFINITE_ACTIONS = ("stop", "skip")
+FP4LAB_KEYS = ("checkpoint_every_n_steps", "nonfinite", "max_skipped_steps")
 
 
 @dataclass
@@ -45,9 +48,16 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
     reload_dataloaders_every_n_epochs: int = 0
+    # fp4lab's own keys (not Lightning's), see docs/failures.md
+    checkpoint_every_n_steps: int = 0  # also write checkpoints/last.ckpt every N optimizer steps (0: at validation only)
+    nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip that optimizer step
+    max_skipped_steps: int = 10  # nonfinite=skip: stop anyway after this many skipped steps in a row
 
     def __post_init__(self) -> None:
         check_choice("trainer", "accelerator", self.accelerator, ACCELERATORS)
+        check_choice("trainer", "nonfinite", self.nonfinite, NONFINITE_ACTIONS)
+        check_range("trainer", "checkpoint_every_n_steps", self.checkpoint_every_n_steps, 0)
+        check_range("trainer", "max_skipped_steps", self.max_skipped_steps, 1)
         check_range("trainer", "accumulate_grad_batches", self.accumulate_grad_batches, 1)
         check_range("trainer", "log_every_n_steps", self.log_every_n_steps, 1)
         if self.max_epochs is None and self.max_steps == -1 and not self.fast_dev_run and self.max_time is None:
@@ -56,7 +66,7 @@ class TrainerConfig:
 
     def kwargs(self) -> dict[str, Any]:
         """The dict passed to ``lightning.Trainer(**kwargs)``."""
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key not in FP4LAB_KEYS}
 
 
 store_schema("trainer", "trainer", TrainerConfig)
