@@ -19,7 +19,7 @@ from pathlib import Path
 
 import quant
 from conf.errors import UserError
-from trainers.reliability.storage import atomic_write_bytes, describe_os_error
+from trainers.reliability.files import atomic_write_bytes, describe_os_error
 
 FAILURE_FILE = "failure.json"
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

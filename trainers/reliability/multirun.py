@@ -37,7 +37,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from trainers.reliability.failures import FAILURE_FILE
-from trainers.reliability.storage import atomic_write_bytes
+from trainers.reliability.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,88 +1,25 @@
-"""Checkpoint files that are either the old one or the complete new one, never a torn mix.
+"""``AtomicCheckpointIO``: Lightning's checkpoint writer, made atomic (``trainers.reliability.files``).
 
 Why not Lightning's own ``TorchCheckpointIO``: it serialises to memory and then writes through an fsspec transaction,
 which for local paths stages the bytes in ``tempfile.mkstemp()`` (the system temp dir) and moves them with
 ``shutil.move``. When that dir is on another file system the move is a copy into the destination, so a kill or a
-full disk during the copy truncates ``last.ckpt``; nothing is fsync'ed either. ``AtomicCheckpointIO`` writes the
-temporary file *next to* the destination, fsyncs it, ``os.replace``s it over the destination (atomic on POSIX
-within one file system) and fsyncs the directory. A failed write removes the temporary file and raises
-``StorageError`` naming the file and the OS error; the previous checkpoint is untouched.
-
-``atomic_write_bytes`` is the same for small files (run.json).
+full disk during the copy truncates ``last.ckpt``; nothing is fsync'ed either, and a full system temp dir fails a
+save whose destination has room. Here the temporary file sits next to the destination, is fsync'ed and renamed over
+it; a failed save raises ``StorageError`` and leaves the previous checkpoint as it was.
 """
 from __future__ import annotations
 
-import errno
-import io
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from conf.errors import UserError
-
-_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-
-
-class StorageError(UserError):
-    """A file of the run could not be written (disk full, file too large, read-only file system, permissions)."""
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``[Errno 28] No space left on device`` -> a sentence that says what to do about it."""
-    reason = exc.strerror or str(exc)
-    if exc.errno in _SPACE_ERRNOS:
-        return f"{reason} (errno {exc.errno}): free space or give the run a larger disk"
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{reason} (errno {exc.errno}): the folder is not writable"
-    return f"{reason} (errno {exc.errno})"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some file systems do not open directories; the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], what: str) -> None:
-    """Write ``path`` through ``write(file)`` into ``<path>.tmp-<pid>`` in the same folder, then rename it over
-    ``path``. Any OSError removes the temporary file and raises ``StorageError``; ``path`` keeps its old content."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc] ...") whose
-        # context is the OSError (EFBIG/ENOSPC)
-        os_error = exc if isinstance(exc, OSError) else exc.__context__ if isinstance(exc, RuntimeError) else None
-        if not isinstance(os_error, OSError):
-            raise
-        kept = "the previous file is unchanged" if path.exists() else "no earlier file existed"
-        raise StorageError(f"could not write {what} {path}: {describe_os_error(os_error)}; {kept}") from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes, what: str = "file") -> None:
-    atomic_write(path, lambda handle: handle.write(data), what)
+from trainers.reliability.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are atomic (see the module docstring); loading is Lightning's."""
+    """``TorchCheckpointIO`` whose saves are atomic; loading is Lightning's."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
