@@ -49,7 +49,8 @@ def find_wrapped_model(module: nn.Module, layer_names: Iterable[str]) -> nn.Modu
 class AnalysisCallback(Callback):
     """Weight / code / gradient telemetry every ``cfg.every_n_steps`` optimizer steps; kurtosis study at the end."""
 
-    def __init__(self, cfg: AnalysisConfig, *, output_dir: Path, run_name: str, layer_names: Iterable[str] = ()) -> None:
+    def __init__(self, cfg: AnalysisConfig, *, output_dir: Path, run_name: str,
+                 layer_names: Iterable[str] = ()) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.run_name = run_name
@@ -60,10 +61,6 @@ class AnalysisCallback(Callback):
         self.history: list[dict[str, Any]] = []
         self.last_gradient_stats: dict[str, dict[str, float]] = {}
         self._model: nn.Module | None = None
-
-    @property
-    def state_key(self) -> str:
-        return f"AnalysisCallback[{self.run_name}]"
 
     def _wrapped(self, pl_module: L.LightningModule) -> nn.Module:
         if self._model is None:

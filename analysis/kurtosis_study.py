@@ -26,6 +26,7 @@ from torch import nn
 
 from analysis import quant_state, render, stats
 from analysis.wandb_log import WandbPayload
+from quant.policy import QUANTIZABLE_TYPES
 
 CORRELATED = ("kurtosis", "kurtosis_channel_max", "kurtosis_block_p99")  # each vs the weight's relative MSE
 
@@ -96,7 +97,7 @@ class KurtosisStudy:
             title="kurtosis vs measured weight quantization error", x=[row.kurtosis for row in self.layers],
             y=[row.snr_db for row in self.layers],
             labels=[f"{n} (z={row.robust_z:.2f}{', keep' if row.keep_high_precision else ''})"
-                    for n, row in zip(names, self.layers)],
+                    for n, row in zip(names, self.layers, strict=True)],
             groups=[row.module_type for row in self.layers], x_label="per-tensor excess kurtosis",
             y_label="weight SNR (dB)")
         rho = ", ".join(f"{k}: {v:.2f}" for k, v in self.spearman.items())
@@ -172,7 +173,7 @@ def _flag(rows: list[LayerKurtosis], z_threshold: float) -> None:
         values = torch.tensor([r.kurtosis for r in group], dtype=torch.float64)
         z = stats.robust_z(values)
         median = stats.quantile(values, 0.5)
-        for row, z_value in zip(group, z.tolist()):
+        for row, z_value in zip(group, z.tolist(), strict=True):
             row.robust_z = z_value
             if z_value > z_threshold:
                 row.keep_high_precision = True
@@ -183,6 +184,9 @@ def _flag(rows: list[LayerKurtosis], z_threshold: float) -> None:
 def layers_to_keep_high_precision(model: nn.Module, z_threshold: float) -> list[tuple[str, str]]:
     """``[(layer name, reason)]`` of the layers the kurtosis study flags, for ``quant.exclude_by_kurtosis=<z>``.
 
-    Names are relative to ``model`` (as ``model.named_modules()``), in rank order (highest kurtosis first).
+    Names are relative to ``model`` (as ``model.named_modules()``), in rank order (highest kurtosis first). Only
+    layer types a policy can quantize are listed (``quant.policy.QUANTIZABLE_TYPES``); an embedding, say, is
+    never a candidate.
     """
-    return study(model, z_threshold=z_threshold).recommended()
+    rows = study(model, z_threshold=z_threshold).layers
+    return [(r.layer, r.reason) for r in rows if r.keep_high_precision and r.module_type in QUANTIZABLE_TYPES]

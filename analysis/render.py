@@ -277,7 +277,7 @@ def png_bytes(figure: Figure) -> bytes:
     axes = fig.subplots(1, len(panels), squeeze=False)
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
                         wspace=(left + right) / 5.0)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         _draw(ax, fig, panel)
     if isinstance(figure, Grid):
         fig.suptitle(figure.title, fontsize=10)
@@ -358,7 +358,8 @@ function lines(box,f){
  if(!xs.length){box.appendChild(document.createTextNode('no data'));return;}
  const {svg,sx,sy}=axes(box,f,xs,ys,f.log_y);
  f.series.forEach((s,k)=>{const col=PALETTE[k%PALETTE.length];
-  if(s.lo&&s.hi){const up=[],dn=[];s.x.forEach((x,i)=>{if(s.lo[i]!==null&&s.hi[i]!==null){up.push(sx(x)+','+sy(s.hi[i]));
+  if(s.lo&&s.hi){const up=[],dn=[];s.x.forEach((x,i)=>{if(s.lo[i]!==null&&s.hi[i]!==null){
+   up.push(sx(x)+','+sy(s.hi[i]));
    dn.unshift(sx(x)+','+sy(s.lo[i]));}});if(up.length)el('polygon',{points:up.concat(dn).join(' '),fill:col,
    'fill-opacity':0.18,stroke:'none'},svg);}
   let d='';s.x.forEach((x,i)=>{const y=s.y[i];if(y===null||(f.log_y&&y<=0)){return;}d+=(d?'L':'M')+sx(x)+' '+sy(y);});
@@ -380,7 +381,8 @@ function bars(box,f){const names=Object.keys(f.values),ys=[0];names.forEach(n=>f
    fill:PALETTE[k%PALETTE.length]},svg);r.addEventListener('mousemove',ev=>show(ev,f.labels[i]+
    (names.length>1?' / '+name:'')+'\n'+(f.y_label||'value')+' = '+fmt(v)));r.addEventListener('mouseleave',hide);}));
  if(names.length>1)legend(box,names);}
-function scatter(box,f){const xs=[],ys=[];f.x.forEach((x,i)=>{if(x!==null&&f.y[i]!==null){xs.push(x);ys.push(f.y[i]);}});
+function scatter(box,f){const xs=[],ys=[];
+ f.x.forEach((x,i)=>{if(x!==null&&f.y[i]!==null){xs.push(x);ys.push(f.y[i]);}});
  if(!xs.length){box.appendChild(document.createTextNode('no data'));return;}
  const {svg,sx,sy}=axes(box,f,xs,ys,false),groups=[...new Set(f.groups)];
  f.x.forEach((x,i)=>{if(x===null||f.y[i]===null)return;const c=el('circle',{cx:sx(x),cy:sy(f.y[i]),r:4,

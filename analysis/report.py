@@ -128,7 +128,7 @@ def curve_chart(key: str, jobs: Sequence[Job], arms: Sequence[str]) -> render.Li
             continue
         by_step: dict[float, list[float]] = {}
         for steps, values in runs:
-            for s, v in zip(steps, values):
+            for s, v in zip(steps, values, strict=True):
                 by_step.setdefault(s, []).append(v)
         steps = sorted(by_step)
         means = [statistics.fmean(by_step[s]) for s in steps]
@@ -288,9 +288,11 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ccc}h3{font-size:15px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0;text-align:center}td.l,th.l{text-align:left}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0;text-align:center}
+td.l,th.l{text-align:left}
 td.good{color:#17692e}td.bad{color:#a4161a}td.keep{font-weight:bold;color:#a4161a}
-.figs{display:flex;flex-wrap:wrap;gap:16px}.fig{border:1px solid #ddd;padding:6px}.fig{max-width:520px}.fig img{width:100%}
+.figs{display:flex;flex-wrap:wrap;gap:16px}.fig{border:1px solid #ddd;padding:6px;max-width:520px}
+.fig img{width:100%}
 details{margin-top:4px}.muted{color:#666;font-size:12px}
 """
 
@@ -375,9 +377,23 @@ def _figure_block(figure: render.Figure, folder: Path, stem: str, element_id: st
             f"<details><summary>interactive</summary>{render.fragment(figure, element_id)}</details></div>")
 
 
+def training_jobs(paths: Sequence[Path]) -> list[Job]:
+    """The training jobs under ``paths`` (``mode=analyze``/``test`` jobs also write a run.json; they are skipped)."""
+    jobs = []
+    for folder in find_job_dirs(paths):
+        mode = json.loads((folder / "run.json").read_text()).get("mode", "train")
+        if mode in ("train", "ptq", "eval"):  # ptq / eval: a quantized arm's metrics without training (PTQ, packed)
+            jobs.append(load_job(folder))
+        else:
+            log.info("report: skipping %s (mode=%s, not a training run)", folder, mode)
+    if not jobs:
+        raise DataError(f"report: no training run under {', '.join(map(str, paths))} (only mode=test/analyze jobs)")
+    return jobs
+
+
 def build_report(paths: Sequence[Path], out_dir: Path, baselines: Sequence[str] = DEFAULT_BASELINES) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/figures/*.{png,html,json}``; return the page."""
-    jobs = [load_job(folder) for folder in find_job_dirs(paths)]
+    jobs = training_jobs(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = out_dir / "figures"
     sections = []

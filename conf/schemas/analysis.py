@@ -23,7 +23,7 @@ class AnalysisConfig:
     # fnmatch patterns of layer names that get per-layer images (raw / codes / dequantized / error); among the
     # matches at most max_image_layers, evenly spaced in model order (first and last included).
     image_layers: list[str] = field(default_factory=lambda: ["*"])
-    max_image_layers: int = 4
+    max_image_layers: int = 3
     image_max_side: int = 128  # per-layer images show the top-left crop of at most this many rows and columns
     wandb: bool = True  # log figures and tables to the W&B run when a WandbLogger is present
     background_writer: bool = True  # draw and write figures on a worker thread (measuring stays on the training thread)

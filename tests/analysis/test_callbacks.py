@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import quant
 from analysis import build_callbacks
 from analysis.callbacks import AnalysisCallback
 from tests.analysis.conftest import NVFP4_CPU, fit, make_task
@@ -73,7 +75,7 @@ def test_analysis_does_not_change_training(tmp_path: Path, analysis_cfg) -> None
                             report=report)
     analysed = fit(tmp_path / "on", task, [cb], steps=5)
     assert sorted({r["step"] for r in cb.history}) == [0, 2, 4]
-    for (name, a), (_, b) in zip(plain.named_parameters(), analysed.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), analysed.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(torch.get_rng_state(), rng_after_plain)  # no random number drawn by the analysis
 
@@ -103,3 +105,17 @@ def test_history_survives_resume(tmp_path: Path, analysis_cfg) -> None:
 def test_disabled_config_builds_no_callback(analysis_cfg, tmp_path: Path) -> None:
     assert build_callbacks(analysis_cfg(enabled=False), output_dir=tmp_path, run_name="r") == []
     assert build_callbacks(None, output_dir=tmp_path, run_name="r") == []
+
+
+def test_format_without_codes_gets_error_statistics_only(tmp_path: Path, analysis_cfg) -> None:
+    """MXFP4 layers hand analysis their fake-quantized values only: dequantized/ yes, quantized/ (codes) no."""
+    policy = quant.Policy(format="mxfp4")
+    task, report = make_task(policy)
+    assert report.quantized_names()
+    (cb,) = build_callbacks(analysis_cfg(kurtosis_study=False), output_dir=tmp_path, run_name="r", report=report)
+    fit(tmp_path, task, [cb], steps=1)
+    root = tmp_path / "plots" / "heatmaps" / "r"
+    assert sorted(p.name for p in (root / "weights").iterdir()) == ["dequantized", "prequantize"]
+    rows = [r for r in cb.history if r["kind"] == "dequantized"]
+    assert {r["layer"] for r in rows} == set(report.quantized_names())
+    assert all(math.isfinite(r["snr_db"]) and r["snr_db"] > 5 for r in rows)

@@ -58,13 +58,18 @@ def sweep(tmp_path: Path) -> Path:
     study.write(root / "1_resnet-bf16-seed1" / "plots" / "kurtosis" / "resnet-bf16-seed1")
     study.write(root / "2_resnet-nvfp4-seed0" / "plots" / "kurtosis" / "resnet-nvfp4-seed0")
     (root / "multirun.yaml").write_text("hydra: {}\n")
+    analyze = root / "5_resnet-nvfp4-analyze"  # mode=analyze writes a run.json too: not a training run
+    analyze.mkdir()
+    (analyze / "run.json").write_text(json.dumps({"run_name": "x", "mode": "analyze", "seed": 0, "model": "resnet",
+                                                  "data": "cifar10", "quant": "nvfp4"}))
     return root
 
 
 def test_report_content(sweep: Path, tmp_path: Path) -> None:
     page = report.build_report([sweep], tmp_path / "out")
     text = page.read_text()
-    jobs = [report.load_job(d) for d in report.find_job_dirs([sweep])]
+    assert len(report.find_job_dirs([sweep])) == 6
+    jobs = report.training_jobs([sweep])
     assert len(jobs) == 5
     rows = report.metric_rows(jobs, ["bf16", "nvfp4", "nvfp4_nohad"], "bf16")
     assert [r.metric for r in rows] == ["val/acc1", "val/loss"]  # monitor first, "epoch" (no split) left out
@@ -81,8 +86,8 @@ def test_report_content(sweep: Path, tmp_path: Path) -> None:
     assert bf16.y[0] == pytest.approx(2.005) and bf16.lo[0] == pytest.approx(2.0) and bf16.hi[0] == pytest.approx(2.01)
     assert chart.series[2].lo is None  # one seed: no band
     figures = tmp_path / "out" / "figures"
-    for stem in ("resnet_cifar10_curve_train_loss", "resnet_cifar10_curve_val_acc1", "resnet_cifar10_kurtosis_vs_error"):
-        assert (figures / f"{stem}.png").stat().st_size > 0
+    for stem in ("curve_train_loss", "curve_val_acc1", "kurtosis_vs_error"):
+        assert (figures / f"resnet_cifar10_{stem}.png").stat().st_size > 0
     assert text.count("data:image/png;base64,") == 4  # 3 curves + the kurtosis scatter, embedded
     # Per-layer kurtosis side by side: the outlier layer is flagged in both arms that ran the study.
     assert "<td class='l'>1</td><td class='l'>Linear</td>" in text
