@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 import quant
 from conf.errors import ConfigError, UserError
 from conf.schemas.root import RootConfig
+from trainers import distributed
 from trainers.job import Job
 from trainers.loggers import finish_wandb
 from trainers.modes import MODES
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return the monitored metric for sweepers (None in modes without one)."""
     try:
+        distributed.adopt_submitit_local_tasks()  # DDP ranks that are submitit tasks (trainers/distributed.py)
         job = Job(cfg=cfg, typed=validate(cfg))
+        distributed.check_sweep_launch(job.typed.trainer)
         job.output_dir.mkdir(parents=True, exist_ok=True)
         L.seed_everything(job.typed.seed, workers=True)
         result = MODES.get(job.typed.mode)(job)

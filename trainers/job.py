@@ -26,6 +26,7 @@ import trainers
 from conf.errors import ConfigError
 from conf.schemas.root import RootConfig
 from quant import te_backend
+from trainers.distributed import is_global_zero
 from trainers.loggers import build_loggers
 from trainers.precision import build_precision_plugin
 
@@ -77,7 +78,8 @@ class Job:
             log.info("Transformer Engine runs the TE rows of the policy with recipe %r", self.te_recipe)
         else:
             report = quant.apply(model, policy)
-        (self.output_dir / "quant_report.txt").write_text(report.table() + "\n")
+        if is_global_zero():  # every rank of a data-parallel job builds the same report; rank 0 writes it
+            (self.output_dir / "quant_report.txt").write_text(report.table() + "\n")
         log.info("Precision policy %s:\n%s", self.typed.quant.name, report.table())
         return report
 
@@ -157,7 +159,8 @@ class Job:
                          "lightning": lightning.__version__},
             "optim": asdict(typed.optim),
         }
-        (self.output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if is_global_zero():  # one run.json per job, also when every rank of a data-parallel job gets here
+            (self.output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
 

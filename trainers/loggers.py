@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from conf.schemas.logger import LoggerConfig
@@ -45,7 +46,7 @@ def build_loggers(
     loggers: list[Logger] = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
     if cfg.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version=""))
-    if cfg.wandb and cfg.wandb_mode != "disabled":
+    if cfg.wandb and cfg.wandb_mode != "disabled" and rank_zero_only.rank == 0:  # one W&B run per job: rank 0's
         wandb_logger = _start_wandb(cfg, output_dir=output_dir, run_name=run_name, group=group, job_type=job_type,
                                     config=config)
         if wandb_logger is not None:

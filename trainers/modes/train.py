@@ -6,6 +6,7 @@ import time
 
 import analysis
 from conf.errors import ConfigError
+from trainers.distributed import ReplicaCheck
 from trainers.job import Job, scalar_metrics
 from trainers.loggers import log_checkpoint_artifact
 from trainers.modes import MODES
@@ -24,8 +25,9 @@ def train(job: Job) -> float | None:
     monitor = job.monitor(task)
     loggers = job.build_loggers()
     checkpoint = job.checkpoint_callback(task)
-    callbacks = analysis.build_callbacks(job.typed.analysis, output_dir=job.output_dir, run_name=job.typed.run_name,
-                                         report=report)
+    callbacks = [*analysis.build_callbacks(job.typed.analysis, output_dir=job.output_dir,
+                                           run_name=job.typed.run_name, report=report),
+                 ReplicaCheck(job.output_dir)]
     trainer = job.build_trainer(task, loggers=loggers, callbacks=callbacks, checkpoint=checkpoint)
     trainer.fit(task, datamodule=datamodule, ckpt_path=job.typed.ckpt_path)
     fit_metrics = scalar_metrics(trainer.callback_metrics)
