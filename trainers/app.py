@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> float | None:
     try:
         distributed.adopt_submitit_local_tasks()  # DDP ranks that are submitit tasks (trainers/distributed.py)
         job = Job(cfg=cfg, typed=validate(cfg))
-        distributed.check_sweep_launch(job.typed.trainer)
+        distributed.check_launch(job.typed.trainer)
         job.output_dir.mkdir(parents=True, exist_ok=True)
         L.seed_everything(job.typed.seed, workers=True)
         result = MODES.get(job.typed.mode)(job)

@@ -12,10 +12,11 @@ Why this exists:
   ``adopt_submitit_local_tasks`` exports the ``torch.distributed`` ones (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``) from submitit's job environment: Lightning then treats the processes as created
   externally instead of launching children of its own (which would re-run submitit's worker command line).
-* ``check_sweep_launch``: Lightning's ``ddp`` and ``fsdp`` strategies start ranks 1..N-1 by re-running the command
-  line with ``hydra.run.dir=...`` appended. Inside a ``-m`` sweep run by the basic or joblib launcher that command
-  line is the whole sweep (Hydra #2070, Lightning #18175), so such a job is refused with the supported alternatives
-  instead of starting sweeps inside sweeps. Jobs whose ranks are started by SLURM, submitit or torchrun are fine.
+* ``check_launch``: Lightning's ``ddp`` and ``fsdp`` strategies start ranks 1..N-1 by re-running the command line
+  with ``hydra.run.dir=...`` appended. Inside a ``-m`` sweep run by the basic or joblib launcher that command line is
+  the whole sweep (Hydra #2070, Lightning #18175), so such a job is refused with the supported alternatives instead of
+  starting sweeps inside sweeps. Jobs whose ranks are started by SLURM, submitit or torchrun are fine. Lightning's
+  FSDP runs on CUDA only; ``trainer=fsdp`` on CPU gets the same kind of one-line refusal.
 * ``ReplicaCheck``: DDP keeps replicas equal only if every rank applies the same update. A rank-dependent step (an
   optimizer reading a per-rank statistic, a parameter changed outside the gradient path) makes them drift without any
   error. At the end of training each rank hashes its parameters and rank 0 writes ``distributed.json`` with all the
@@ -90,10 +91,14 @@ def _several_devices(devices: Any, num_nodes: int) -> bool:
     return not isinstance(devices, int) or devices == -1 or devices > 1  # "auto" may mean several GPUs
 
 
-def check_sweep_launch(trainer: TrainerConfig) -> None:
-    """ConfigError for a multi-process strategy that Lightning would launch by re-running the command line of a
-    ``-m`` sweep (module docstring)."""
+def check_launch(trainer: TrainerConfig) -> None:
+    """ConfigError for FSDP without GPUs, and for a multi-process strategy that Lightning would launch by re-running
+    the command line of a ``-m`` sweep (module docstring)."""
     strategy = str(trainer.strategy)
+    if strategy.startswith("fsdp") and trainer.accelerator in ("cpu", "mps"):
+        raise ConfigError(f"trainer.strategy={strategy} needs CUDA GPUs (Lightning's FSDPStrategy refuses "
+                          f"accelerator={trainer.accelerator}); valid choices: trainer.accelerator=gpu, or "
+                          "trainer=ddp for data parallelism on CPU")
     script_launched = strategy.startswith(_SCRIPT_LAUNCHED) and not any(word in strategy for word in _IN_PROCESS)
     if not script_launched or not _several_devices(trainer.devices, trainer.num_nodes):
         return

@@ -1,6 +1,6 @@
 """Hydra launchers: our submitit_slurm / submitit_local / joblib configs (shadowing the plugins' configs of the same
 names and validated against their schemas), the refusal of Lightning's script-launched DDP inside a basic-launcher
-sweep, and real submitit_local sweeps: 2 single-device jobs, and (slow) 2 DDP jobs whose ranks are submitit tasks."""
+sweep (and of FSDP on CPU), and real submitit_local sweeps: 2 single-device jobs, and (slow) 2 DDP jobs whose ranks are submitit tasks."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from conf.errors import ConfigError
 from tests.conftest import CONF_DIR
 from tests.distributed.jobs import DDP_CPU, checkpoint_digest, replica_summary, run_main, tiny_llm
 from trainers.app import validate
-from trainers.distributed import check_sweep_launch
+from trainers.distributed import check_launch
 
 
 def compose_with_hydra(*overrides: str):
@@ -23,7 +23,7 @@ def compose_with_hydra(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema with the same name")
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema with the same name")
 def test_launcher_configs_size_jobs_from_the_trainer_config():
     slurm = compose_with_hydra("hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4").hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher")
@@ -44,14 +44,23 @@ def test_script_launched_ddp_is_refused_inside_a_basic_sweep(monkeypatch):
         del cfg["hydra"]
     trainer = validate(cfg).trainer
     with pytest.raises(ConfigError, match="hydra/launcher=submitit_slurm"):
-        check_sweep_launch(trainer)
+        check_launch(trainer)
     trainer.strategy = "ddp_spawn"  # ranks started by multiprocessing: no command line re-run
-    check_sweep_launch(trainer)
+    check_launch(trainer)
     trainer.strategy, trainer.devices = "ddp", 1
-    check_sweep_launch(trainer)
+    check_launch(trainer)
     trainer.devices = 2
     monkeypatch.setenv("LOCAL_RANK", "0")  # ranks started by submitit / SLURM / torchrun
-    check_sweep_launch(trainer)
+    check_launch(trainer)
+
+
+def test_fsdp_without_gpus_is_refused_with_one_message():
+    cfg = compose_with_hydra("trainer=fsdp", "trainer.accelerator=cpu", "paths.output_dir=unused")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    with pytest.raises(ConfigError, match="needs CUDA GPUs"):
+        check_launch(validate(cfg).trainer)
 
 
 @pytest.mark.slow
