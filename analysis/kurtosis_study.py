@@ -8,7 +8,10 @@ high precision, NVFP4 with TE's weight recipe: 16x16 tiles, round-to-nearest), a
 correlation between them across layers instead of assuming kurtosis predicts sensitivity.
 
 Recommendation rule: within each module type (Linear, Conv2d, ...), a layer is flagged to stay in high precision when
-the robust z-score of its per-tensor weight kurtosis, ``(k - median) / (1.4826 * MAD)``, exceeds ``z_threshold``.
+the robust z-score of its per-tensor weight kurtosis, ``(k - median) / max(1.4826 * MAD, se(n))``, exceeds
+``z_threshold``. ``se(n)`` is the sampling noise of the kurtosis of the layer's n weights (the standard error of the
+excess kurtosis of n Gaussian samples, ~ sqrt(24 / n)): without it, layers whose kurtosis is alike (all of them at
+initialisation) give a tiny MAD, and a small layer would be flagged for a difference that is sampling noise alone.
 Relative, not absolute: practice has no universal kurtosis cut (ECOSYSTEM F2-F3).
 Kurtosis here is always excess (Fisher) kurtosis with the biased moment estimator (``analysis.stats``).
 """
@@ -171,7 +174,8 @@ def _flag(rows: list[LayerKurtosis], z_threshold: float) -> None:
         by_type.setdefault(row.module_type, []).append(row)
     for module_type, group in by_type.items():
         values = torch.tensor([r.kurtosis for r in group], dtype=torch.float64)
-        z = stats.robust_z(values)
+        noise = torch.tensor([stats.kurtosis_standard_error(r.numel) for r in group], dtype=torch.float64)
+        z = stats.robust_z(values, min_scale=noise)
         median = stats.quantile(values, 0.5)
         for row, z_value in zip(group, z.tolist(), strict=True):
             row.robust_z = z_value

@@ -191,22 +191,30 @@ def byte_histogram(scale_bytes: torch.Tensor) -> torch.Tensor:
     return torch.bincount(scale_bytes.reshape(-1).to(torch.int64), minlength=256)
 
 
-def robust_z(values: torch.Tensor) -> torch.Tensor:
-    """Robust z-score ``(v - median) / (1.4826 * MAD)`` (MAD = median absolute deviation) -> float64.
+def kurtosis_standard_error(n: int) -> float:
+    """Standard deviation of the biased excess kurtosis of ``n`` Gaussian samples (Fisher 1930, exact):
+    ``sqrt(24 n (n-2) (n-3) / ((n+1)^2 (n+3) (n+5)))``, about ``sqrt(24 / n)`` for large n; inf for n <= 3."""
+    if n <= 3:
+        return math.inf
+    return math.sqrt(24.0 * n * (n - 2) * (n - 3) / ((n + 1) ** 2 * (n + 3) * (n + 5)))
 
-    1.4826 makes the MAD a consistent estimator of a Gaussian's std. With MAD = 0 (more than half the values
-    equal) a value equal to the median scores 0 and any other value +-inf: it is an outlier of a degenerate group.
-    NaN inputs give NaN and are ignored by the medians.
+
+def robust_z(values: torch.Tensor, min_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Robust z-score ``(v - median) / max(1.4826 * MAD, min_scale)`` (MAD = median absolute deviation) -> float64.
+
+    1.4826 makes the MAD a consistent estimator of a Gaussian's std. ``min_scale`` (a number or one per value) is a
+    floor on the spread, e.g. the sampling noise of each value. With a zero spread (more than half the values equal
+    and no floor) a value equal to the median scores 0 and any other value +-inf. NaN inputs give NaN and are
+    ignored by the medians.
     """
     v = values.to(torch.float64)
     med = quantile(v, 0.5)
-    mad = quantile((v - med).abs(), 0.5)
     if math.isnan(med):
         return torch.full_like(v, math.nan)
     diff = v - med
-    if mad == 0.0:
-        return torch.where(diff == 0, torch.zeros_like(v), diff * math.inf)
-    return diff / (1.4826 * mad)
+    scale = torch.clamp(torch.as_tensor(min_scale, dtype=torch.float64),
+                        min=1.4826 * quantile(diff.abs(), 0.5)).expand_as(v)
+    return torch.where(scale > 0, diff / scale, torch.where(diff == 0, 0.0, diff * math.inf))
 
 
 def rankdata(values: torch.Tensor) -> torch.Tensor:

@@ -256,6 +256,8 @@ class Telemetry:
                           [[result.step, layer, byte, values[byte], count]
                            for layer, hist in result.scale_histograms.items()
                            for byte, count in enumerate(hist) if count])
+        if not self.cfg.histograms:
+            return
         for (kind, layer), values in result.histogram_values.items():
             payload.histogram(f"analysis/histograms/{kind}/{layer or 'model'}", values)
         for layer in result.code_histograms:

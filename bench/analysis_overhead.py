@@ -13,8 +13,8 @@ cores are all busy, and it hardly moves when other processes share the machine (
     python bench/analysis_overhead.py [--model unet] [--quant nvfp4] [--steps 30] [--every 5 10 30]
                                       [--predict 25 50 100 200]
 
-CPU only (``trainer=cpu``), W&B off, validation off; the data set is the embedded ``shapes`` one generated into a
-temporary cache.
+``--trainer cpu`` (default) or ``gpu``; W&B off, validation off; the data set is the embedded ``shapes`` one
+generated into a temporary cache. On a GPU, read the wall-time column: CPU time does not see GPU work.
 """
 from __future__ import annotations
 
@@ -85,9 +85,10 @@ def train(typed: Any, workdir: Path, steps: int,
         callbacks += analysis.build_callbacks(typed.analysis, output_dir=workdir / f"out-every{every}",
                                               run_name="bench", policy=None, report=report)
     timer = LoopTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=typed.quant.precision, max_steps=steps,
-                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
+    trainer = L.Trainer(accelerator=typed.trainer.accelerator, devices=1, precision=typed.quant.precision,
+                        max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[*callbacks, timer],
                         default_root_dir=str(workdir))
     trainer.fit(task, datamodule=datamodule)
     return timer.seconds, (callbacks[0] if callbacks else None)
@@ -118,13 +119,14 @@ def main() -> None:
     parser.add_argument("--every", type=int, nargs="+", default=[5, 10, 30], help="cadences to train with")
     parser.add_argument("--predict", type=int, nargs="*", default=[25, 50, 100, 200],
                         help="further cadences to predict only, from the pass cost")
+    parser.add_argument("--trainer", default="cpu", choices=("cpu", "gpu"), help="trainer config (device)")
     parser.add_argument("--override", nargs="*", default=["model.instance_head=false"],
                         help="extra Hydra overrides for the model / data")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="fp4lab-bench-") as tmp:
         workdir = Path(tmp)
-        typed = compose_typed([f"model={args.model}", f"quant={args.quant}", "trainer=cpu", "logger=none",
+        typed = compose_typed([f"model={args.model}", f"quant={args.quant}", f"trainer={args.trainer}", "logger=none",
                                *args.override], workdir)
         train(typed, workdir, steps=2, every=None)  # warm-up: data generation, allocator, kernels
         measure, draw, one_pass = pass_cost(typed, workdir)

@@ -34,10 +34,12 @@ def test_ranking_and_robust_z_within_module_type() -> None:
     linear = {row.layer: row for row in result.layers if row.module_type == "Linear"}
     k = np.array([scipy.stats.kurtosis(_model()[i].weight.detach().double().numpy().ravel()) for i in range(6)])
     med, mad = np.median(k), np.median(np.abs(k - np.median(k)))
+    n = 64 * 64
+    noise = np.sqrt(24 * n * (n - 2) * (n - 3) / ((n + 1) ** 2 * (n + 3) * (n + 5)))  # se of g2, Gaussian, n samples
+    z = (k - med) / max(1.4826 * mad, noise)
     for i in range(6):
         assert linear[str(i)].kurtosis == pytest.approx(k[i], rel=1e-9)
-        assert linear[str(i)].robust_z == pytest.approx((k[i] - med) / (1.4826 * mad), rel=1e-9)
-    z = (k - med) / (1.4826 * mad)
+        assert linear[str(i)].robust_z == pytest.approx(z[i], rel=1e-9)
     expected = [str(i) for i in np.argsort(-k) if z[i] > 3.5]
     assert "2" in expected and "0" not in expected
     flagged = [row.layer for row in result.layers if row.keep_high_precision]
@@ -45,6 +47,19 @@ def test_ranking_and_robust_z_within_module_type() -> None:
     assert "robust z above the median" in linear["2"].reason and "6 Linear layers" in linear["2"].reason
     assert layers_to_keep_high_precision(_model(), 3.5) == [(name, linear[name].reason) for name in expected]
     assert layers_to_keep_high_precision(_model(), 1e9) == []
+
+
+def test_small_layers_are_not_flagged_for_sampling_noise() -> None:
+    """At initialisation every layer's kurtosis is alike (tiny MAD); a small layer differs by noise alone."""
+    torch.manual_seed(0)  # this seed draws the 64-weight layer's kurtosis above the others
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(5)], nn.Linear(16, 4))
+    result = kurtosis_study.study(model, z_threshold=3.5)
+    small = next(r for r in result.layers if r.layer == "5")
+    k = [r.kurtosis for r in result.layers if r.layer != "5"]
+    mad_only = (small.kurtosis - np.median(k + [small.kurtosis])) / (1.4826 * scipy.stats.median_abs_deviation(
+        k + [small.kurtosis]))
+    assert mad_only > 3.5  # the MAD alone would flag it
+    assert not any(r.keep_high_precision for r in result.layers)
 
 
 def test_error_column_is_the_layers_own_quantization_or_the_nvfp4_reference() -> None:

@@ -108,6 +108,14 @@ def test_snr_in_float64() -> None:
     assert stats.snr_db(x32, x32 + 2 ** -20) == pytest.approx(10 * math.log10(2 ** 40), rel=1e-9)
 
 
+def test_kurtosis_standard_error_matches_monte_carlo() -> None:
+    x = np.random.default_rng(3).normal(size=(20000, 16))
+    spread = scipy.stats.kurtosis(x, axis=1, bias=True).std()
+    assert stats.kurtosis_standard_error(16) == pytest.approx(spread, rel=0.05)
+    assert stats.kurtosis_standard_error(10 ** 6) == pytest.approx(np.sqrt(24 / 10 ** 6), rel=1e-4)
+    assert stats.kurtosis_standard_error(3) == math.inf
+
+
 def test_code_histogram_entropy_and_utilisation() -> None:
     codes = torch.randint(0, 16, (4096,), generator=_gen(8), dtype=torch.uint8)
     codes[:100] = 3
@@ -140,6 +148,9 @@ def test_robust_z_and_spearman_against_references() -> None:
     mad = np.median(np.abs(v.numpy() - med))
     np.testing.assert_allclose(stats.robust_z(v).numpy(), (v.numpy() - med) / (1.4826 * mad), rtol=1e-12)
     assert stats.robust_z(torch.tensor([2.0, 2.0, 2.0, 5.0])).tolist() == [0.0, 0.0, 0.0, math.inf]
+    floor = torch.tensor([0.1, 0.1, 10.0, 0.1, 0.1, 0.1], dtype=torch.float64)
+    expected = (v.numpy() - med) / np.maximum(1.4826 * mad, floor.numpy())
+    np.testing.assert_allclose(stats.robust_z(v, min_scale=floor).numpy(), expected, rtol=1e-12)
     a = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, math.nan, 4.0])
     b = torch.tensor([1.0, 0.5, 0.7, 0.9, 3.0, 1.0, math.inf])
     keep = np.isfinite(a.numpy()) & np.isfinite(b.numpy())
