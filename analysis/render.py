@@ -179,7 +179,8 @@ def _draw_lines(ax: Axes, chart: LineChart) -> None:
     for series in chart.series:
         x = np.asarray(series.x, dtype=np.float64)
         y = np.array([np.nan if v is None else v for v in series.y], dtype=np.float64)
-        (line,) = ax.plot(x, y, label=series.name, linewidth=1.2)
+        marker = "o" if len(x) <= 30 else None  # a curve of one or a few points is otherwise invisible
+        (line,) = ax.plot(x, y, label=series.name, linewidth=1.2, marker=marker, markersize=3)
         if series.lo is not None and series.hi is not None:
             lo = np.array([np.nan if v is None else v for v in series.lo], dtype=np.float64)
             hi = np.array([np.nan if v is None else v for v in series.hi], dtype=np.float64)
@@ -364,9 +365,10 @@ function lines(box,f){
    'fill-opacity':0.18,stroke:'none'},svg);}
   let d='';s.x.forEach((x,i)=>{const y=s.y[i];if(y===null||(f.log_y&&y<=0)){return;}d+=(d?'L':'M')+sx(x)+' '+sy(y);});
   el('path',{d:d,fill:'none',stroke:col,'stroke-width':1.6},svg);
-  s.x.forEach((x,i)=>{if(s.y[i]===null)return;const c=el('circle',{cx:sx(x),cy:sy(s.y[i]),r:3,fill:col,
-   'fill-opacity':0.01},svg);c.addEventListener('mousemove',ev=>show(ev,s.name+'\n'+(f.x_label||'x')+' = '+
-   fmt(x)+'\n'+(f.y_label||'y')+' = '+fmt(s.y[i])+(s.lo?'\nrange '+fmt(s.lo[i])+' .. '+fmt(s.hi[i]):'')));
+  const few=s.x.length<=30;s.x.forEach((x,i)=>{if(s.y[i]===null)return;const c=el('circle',{cx:sx(x),
+   cy:sy(s.y[i]),r:3,fill:col,'fill-opacity':few?0.9:0.01},svg);
+   c.addEventListener('mousemove',ev=>show(ev,s.name+'\n'+(f.x_label||'x')+' = '+fmt(x)+'\n'+
+    (f.y_label||'y')+' = '+fmt(s.y[i])+(s.lo?'\nrange '+fmt(s.lo[i])+' .. '+fmt(s.hi[i]):'')));
    c.addEventListener('mouseleave',hide);});});
  legend(box,f.series.map(s=>s.name));}
 function legend(box,names){const d=el('div',{style:'font:11px sans-serif'},box);names.forEach((n,k)=>{

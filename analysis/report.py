@@ -403,7 +403,8 @@ def build_report(paths: Sequence[Path], out_dir: Path, baselines: Sequence[str] 
         baseline = pick_baseline([j.arm for j in group], baselines)
         arms = _arm_order([j.arm for j in group], baseline)
         prefix = f"{model}_{data}"
-        keys = sorted({k for j in group for k in j.curves})
+        # test/* metrics are one point each: they are in the table, not drawn as curves.
+        keys = sorted({k for j in group for k in j.curves if not k.startswith("test/")})
         curves = "".join(_figure_block(curve_chart(key, group, arms), figures,
                                        f"{prefix}_curve_{key.replace('/', '_')}", f"c{index}_{n}")
                          for n, key in enumerate(keys))
