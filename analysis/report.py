@@ -377,23 +377,24 @@ def _figure_block(figure: render.Figure, folder: Path, stem: str, element_id: st
             f"<details><summary>interactive</summary>{render.fragment(figure, element_id)}</details></div>")
 
 
-def training_jobs(paths: Sequence[Path]) -> list[Job]:
-    """The training jobs under ``paths`` (``mode=analyze``/``test`` jobs also write a run.json; they are skipped)."""
+def result_jobs(paths: Sequence[Path]) -> list[Job]:
+    """The jobs under ``paths`` that have results (final metrics or logged curves); a ``mode=analyze`` job also
+    writes a run.json, without metrics, and is skipped."""
     jobs = []
     for folder in find_job_dirs(paths):
-        mode = json.loads((folder / "run.json").read_text()).get("mode", "train")
-        if mode in ("train", "ptq", "eval"):  # ptq / eval: a quantized arm's metrics without training (PTQ, packed)
-            jobs.append(load_job(folder))
+        job = load_job(folder)
+        if job.metrics or job.curves:
+            jobs.append(job)
         else:
-            log.info("report: skipping %s (mode=%s, not a training run)", folder, mode)
+            log.info("report: skipping %s (no metrics: not a training or evaluation run)", folder)
     if not jobs:
-        raise DataError(f"report: no training run under {', '.join(map(str, paths))} (only mode=test/analyze jobs)")
+        raise DataError(f"report: no job with metrics under {', '.join(map(str, paths))} (only mode=analyze jobs?)")
     return jobs
 
 
 def build_report(paths: Sequence[Path], out_dir: Path, baselines: Sequence[str] = DEFAULT_BASELINES) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/figures/*.{png,html,json}``; return the page."""
-    jobs = training_jobs(paths)
+    jobs = result_jobs(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = out_dir / "figures"
     sections = []

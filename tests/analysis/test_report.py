@@ -58,7 +58,7 @@ def sweep(tmp_path: Path) -> Path:
     study.write(root / "1_resnet-bf16-seed1" / "plots" / "kurtosis" / "resnet-bf16-seed1")
     study.write(root / "2_resnet-nvfp4-seed0" / "plots" / "kurtosis" / "resnet-nvfp4-seed0")
     (root / "multirun.yaml").write_text("hydra: {}\n")
-    analyze = root / "5_resnet-nvfp4-analyze"  # mode=analyze writes a run.json too: not a training run
+    analyze = root / "5_resnet-nvfp4-analyze"  # mode=analyze writes a run.json too, without metrics: skipped
     analyze.mkdir()
     (analyze / "run.json").write_text(json.dumps({"run_name": "x", "mode": "analyze", "seed": 0, "model": "resnet",
                                                   "data": "cifar10", "quant": "nvfp4"}))
@@ -69,7 +69,7 @@ def test_report_content(sweep: Path, tmp_path: Path) -> None:
     page = report.build_report([sweep], tmp_path / "out")
     text = page.read_text()
     assert len(report.find_job_dirs([sweep])) == 6
-    jobs = report.training_jobs([sweep])
+    jobs = report.result_jobs([sweep])
     assert len(jobs) == 5
     rows = report.metric_rows(jobs, ["bf16", "nvfp4", "nvfp4_nohad"], "bf16")
     assert [r.metric for r in rows] == ["val/acc1", "val/loss"]  # monitor first, "epoch" (no split) left out
