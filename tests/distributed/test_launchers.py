@@ -18,6 +18,14 @@ from trainers.app import validate
 from trainers.distributed import check_launch
 
 
+@pytest.fixture(autouse=True)
+def keep_hydra_config():
+    """The tests below set Hydra's global config (a -m job's view); put back what was there for the next tests."""
+    saved = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = saved
+
+
 def compose_with_hydra(*overrides: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="test"):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
