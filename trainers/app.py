@@ -9,10 +9,19 @@ config composed with Hydra's compose API. Everything a job writes goes under ``c
     plots/                     heatmaps and kurtosis studies (analysis)
     quant_report.txt           which module is quantized, with which format, and why not
     run.json                   what ran (names, versions, effective precision) and the final metrics
+    failure.json               why the job failed (only after a failure; removed by the next successful attempt)
+
+Failures (docs/failures.md): a failure the user can act on (``UserError``, ``quant.QuantError``, a disk that is full
+or read-only anywhere in the exception chain) ends a single run with one logged message and exit status 2, no
+traceback; a bug keeps its traceback. In a multirun the job records its failure and returns None instead of
+raising: Hydra 1.3's basic sweeper would run the rest of the batch and then re-raise the first failure, which skips
+the ``on_multirun_end`` callbacks (the comparison report, ``trainers.reliability.multirun.JobsSummary``); the summary
+callback lists the failed jobs and makes the sweep exit non-zero instead.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -27,12 +36,14 @@ from trainers import distributed
 from trainers.job import Job
 from trainers.loggers import finish_wandb
 from trainers.modes import MODES
+from trainers.reliability.failures import clear_failure, record_failure, user_message
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run one job; return the monitored metric for sweepers (None in modes without one)."""
+    output_dir = Path(OmegaConf.select(cfg, "paths.output_dir", default=".", throw_on_resolution_failure=False) or ".")
     try:
         distributed.adopt_submitit_local_tasks()  # DDP ranks that are submitit tasks (trainers/distributed.py)
         job = Job(cfg=cfg, typed=validate(cfg))
@@ -40,13 +51,22 @@ def run(cfg: DictConfig) -> float | None:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         L.seed_everything(job.typed.seed, workers=True)
         result = MODES.get(job.typed.mode)(job)
+        clear_failure(job.output_dir)
         print(f"[fp4lab] outputs: {job.output_dir}")
         return result
-    except (UserError, quant.QuantError) as exc:
-        log.error("%s", exc)
-        if _in_single_run():
-            raise SystemExit(2) from None  # one clear message, no traceback
-        raise
+    except Exception as exc:
+        message = user_message(exc, output_dir)
+        record_failure(output_dir, exc, message)
+        if not _in_single_run():
+            if message:
+                log.error("%s", message)
+            else:
+                log.exception("job failed with an unexpected error (a bug; traceback above)")
+            return None  # the sweep goes on; JobsSummary reports this job and fails the sweep at its end
+        if message is None:
+            raise
+        log.error("%s", message)
+        raise SystemExit(2) from None  # one clear message, no traceback
     finally:
         finish_wandb()
 
@@ -65,4 +85,5 @@ def validate(cfg: DictConfig) -> RootConfig:
 
 
 def _in_single_run() -> bool:
-    return not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
+    """True unless Hydra runs a multirun (``mode`` is None under the compose API, as in tests: a single job)."""
+    return not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN

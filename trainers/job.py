@@ -29,6 +29,9 @@ from quant import te_backend
 from trainers.distributed import is_global_zero
 from trainers.loggers import build_loggers
 from trainers.precision import build_precision_plugin
+from trainers.reliability.files import atomic_write_bytes
+from trainers.reliability.resume import CHECKPOINT_DIR, JobIdentity, LastCheckpoint
+from trainers.reliability.storage import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +64,17 @@ class Job:
     def build_model(self, info: data.DataInfo) -> nn.Module:
         return models.build_model(self.typed.model, info)
 
-    def apply_policy(self, model: nn.Module, policy: quant.Policy | None = None) -> quant.QuantReport:
+    def identity(self) -> JobIdentity:
+        typed = self.typed
+        return JobIdentity(run_name=typed.run_name, model=typed.model.name, data=typed.data.name,
+                           quant=typed.quant.name)
+
+    def apply_policy(self, model: nn.Module, policy: quant.Policy | None = None, *,
+                     write_report: bool = True) -> quant.QuantReport:
         """Quantize ``model`` in place with the job's policy (or ``policy``) on the backend ``quant.backend`` resolves
         to (``quant.te_backend``; one logged line when ``auto`` falls back to the emulation), and keep the report
-        next to the run."""
+        next to the run (``write_report=False``: the caller writes it with ``write_quant_report`` once it knows the
+        job will run, so a refused resume leaves the folder as it was)."""
         qcfg = self.typed.quant
         policy = policy or qcfg.to_policy()
         self.backend = te_backend.resolve_backend(policy, qcfg.backend, precision=self.effective_precision(),
@@ -78,15 +88,20 @@ class Job:
             log.info("Transformer Engine runs the TE rows of the policy with recipe %r", self.te_recipe)
         else:
             report = quant.apply(model, policy)
-        if is_global_zero():  # every rank of a data-parallel job builds the same report; rank 0 writes it
-            (self.output_dir / "quant_report.txt").write_text(report.table() + "\n")
+        if write_report:
+            self.write_quant_report(report)
         log.info("Precision policy %s:\n%s", self.typed.quant.name, report.table())
         return report
+
+    def write_quant_report(self, report: quant.QuantReport) -> None:
+        if is_global_zero():  # every rank of a data-parallel job builds the same report; rank 0 writes it
+            atomic_write_bytes(self.output_dir / "quant_report.txt", (report.table() + "\n").encode(), "quant report")
 
     def build_task(self, model: nn.Module, info: data.DataInfo) -> L.LightningModule:
         return trainers.build_task(model, info, self.typed.model, self.typed.optim)
 
-    def build_loggers(self, *, job_type: str | None = None) -> list:
+    def build_loggers(self, *, job_type: str | None = None, resume_step: int | None = None) -> list:
+        """``resume_step``: the global step of the checkpoint a train job resumes from (its CSV log continues)."""
         typed = self.typed
         return build_loggers(
             typed.logger,
@@ -95,30 +110,32 @@ class Job:
             group=typed.experiment_name,
             job_type=job_type or typed.quant.name,
             config=OmegaConf.to_container(self.cfg, resolve=True),
+            resume_step=resume_step,
         )
 
     def build_trainer(self, task: L.LightningModule, *, loggers: list, callbacks: list | None = None,
-                      checkpoint: ModelCheckpoint | None = None) -> L.Trainer:
-        callbacks = [*(callbacks or []), *([checkpoint] if checkpoint else [])]
+                      checkpoints: list[ModelCheckpoint] | None = None) -> L.Trainer:
+        """The Lightning Trainer; checkpoints are written atomically (``trainers.reliability.storage``)."""
+        callbacks = [*(callbacks or []), *(checkpoints or [])]
         kwargs = self.typed.trainer.kwargs()
-        kwargs["enable_checkpointing"] = kwargs["enable_checkpointing"] and checkpoint is not None
+        kwargs["enable_checkpointing"] = kwargs["enable_checkpointing"] and bool(checkpoints)
+        plugins: list[Any] = [AtomicCheckpointIO()]
         if self.te_recipe is None:
             kwargs["precision"] = self.effective_precision()
         else:  # TE backend: torch autocast + te.autocast(recipe) per step, FP32 masters (trainers/precision.py)
-            kwargs["plugins"] = [build_precision_plugin(self.te_recipe, self.effective_precision())]
+            plugins.append(build_precision_plugin(self.te_recipe, self.effective_precision()))
             kwargs["inference_mode"] = False  # quantizer state TE creates lazily must not become inference tensors
-        return L.Trainer(**kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(self.output_dir))
+        return L.Trainer(**kwargs, logger=loggers, callbacks=callbacks, plugins=plugins,
+                         default_root_dir=str(self.output_dir))
 
-    def checkpoint_callback(self, task: L.LightningModule) -> ModelCheckpoint:
-        return ModelCheckpoint(
-            dirpath=self.output_dir / "checkpoints",
-            filename="best",
-            monitor=self.monitor(task),
-            mode=task.monitor_mode,
-            save_last=True,
-            save_top_k=1,
-            auto_insert_metric_name=False,
-        )
+    def checkpoint_callbacks(self, task: L.LightningModule) -> list[ModelCheckpoint]:
+        """``best.ckpt`` (the monitored metric, at validation) and ``last.ckpt`` (every
+        ``trainer.checkpoint_every_n_steps`` optimizer steps, or at every validation when that is 0; and when
+        training ends)."""
+        folder = self.output_dir / CHECKPOINT_DIR
+        best = ModelCheckpoint(dirpath=folder, filename="best", monitor=self.monitor(task), mode=task.monitor_mode,
+                               save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+        return [best, LastCheckpoint(folder, self.typed.trainer.checkpoint_every_n_steps)]
 
     def monitor(self, task: L.LightningModule) -> str:
         return self.typed.monitor or task.monitor
@@ -160,7 +177,8 @@ class Job:
             "optim": asdict(typed.optim),
         }
         if is_global_zero():  # one run.json per job, also when every rank of a data-parallel job gets here
-            (self.output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            atomic_write_bytes(self.output_dir / "run.json",
+                               (json.dumps(summary, indent=2, default=str) + "\n").encode(), "run summary")
         return summary
 
 

@@ -49,7 +49,7 @@ class TrainerConfig:
     use_distributed_sampler: bool = True
     reload_dataloaders_every_n_epochs: int = 0
     # fp4lab's own keys (not Lightning's), see docs/failures.md
-    checkpoint_every_n_steps: int = 0  # also write checkpoints/last.ckpt every N optimizer steps (0: at validation only)
+    checkpoint_every_n_steps: int = 0  # checkpoints/last.ckpt every N optimizer steps (0: at every validation)
     nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip that optimizer step
     max_skipped_steps: int = 10  # nonfinite=skip: stop anyway after this many skipped steps in a row
 
