@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         common = [f"model={model}", f"quant={args.quant}", *shlex.split(extra), f"trainer.max_steps={steps}",
                   "trainer.max_epochs=-1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                  "trainer.log_every_n_steps=1000", "logger=none", "analysis=off"]
+                  "trainer.log_every_n_steps=1000", "trainer.benchmark=true", "logger=none", "analysis=off"]
         configs = {
             "1dev": ["trainer=gpu", f"trainer.accelerator={accelerator}", f"data.batch_size={global_batch}"],
             "2dev": ["trainer=ddp", f"trainer.accelerator={accelerator}", "trainer.devices=2",
