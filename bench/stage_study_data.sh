@@ -54,5 +54,6 @@ for name in text_coco_train coco_val cifar10; do
         echo "error: piece $name is $bytes bytes, over the $limit_bytes-byte budget of one device call" >&2
         exit 1
     fi
-    printf '%-16s %6.1f MiB  carry: %s\n' "$name" "$(awk "BEGIN {print $bytes / 1048576}")" "$(IFS=,; echo "${carry[*]}")"
+    mib="$(awk "BEGIN {print $bytes / 1048576}")"
+    printf '%-16s %6.1f MiB  carry: %s\n' "$name" "$mib" "$(IFS=,; echo "${carry[*]}")"
 done

@@ -19,15 +19,17 @@ Afterwards: the comparison report over the sweep dir (``analysis.report``), ``st
 arm and seed, mean +- std, relative gap to BF16, wall time per arm relative to BF16), one printed line
 ``[study] <experiment> ...: wall time per arm relative to bf16 ...``, and with ``--out`` a copy of the summary as
 ``<out>/<experiment>.json`` plus ``<out>/<experiment>.tar.gz``: the sweep dir without checkpoints, capped in size
-(the device tool returns at most 16 MiB per file); what was left out is listed in the summary.
+(the device tool returns at most 16 MiB per file): everything but the per-layer heatmaps and the W&B media first,
+then those of seed 0, then the rest, as far as they fit; what was left out is listed in the summary.
 
 Wall time of an arm = the median over its seeds of the jobs' ``wall_seconds`` (run.json: data set-up, model, fit with
 its validations, test of the best checkpoint). The median, because the first job of a process also pays CUDA
 initialisation and cuDNN autotuning (the bf16 arm, seed 0) and the first NVFP4 job compiles the Triton kernels.
 A PTQ job only evaluates; its ratio is listed apart.
 
-``--deadline-s`` bounds the whole run: a phase still running at the deadline (less a reserve for the report and the
-bundle) is stopped, later phases are skipped, and everything finished so far is summarised and bundled.
+``--deadline-s`` bounds the whole run: the train phase may use 72% of it, and a phase still running at its limit
+(the deadline less a reserve for the report and the bundle) is stopped; the PTQ and keep phases then run for the seeds
+whose BF16 job finished, as far as the time left allows, and everything finished is summarised and bundled.
 
 Usage (from the repository root):
     python -m bench.study unet_coco --data-root .data --out /tmp/study            # study scale (GPU)
@@ -64,6 +66,7 @@ QUANTIZED_ARM = "nvfp4"  # the arm whose quantization report says which flagged 
 SUMMARY_FILE = "study_summary.json"
 REPORT_RESERVE_S = 45.0  # kept back from the deadline for the report, the summary and the bundle
 MIN_PHASE_S = 20.0  # a phase that would get less than this is skipped
+TRAIN_SHARE = 0.72  # the train phase may use this share of the budget: PTQ and the keep arm need the rest
 BUNDLE_SKIP = ("checkpoints", ".submitit")  # folders never bundled (checkpoints are tens of MB per job)
 BUNDLE_SKIP_SUFFIXES = (".ckpt", ".safetensors", ".pt")
 
@@ -74,7 +77,8 @@ TOY_COMMON = ["trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=fal
               "trainer.limit_test_batches=1", "analysis.max_image_layers=1"]
 TOY_OVERRIDES: dict[str, list[str]] = {
     "unet_coco": ["model.depth=2", "data.image_size=32", "data.batch_size=4", "data.train_limit=8",
-                  "data.val_limit=4", "data.num_workers=0", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"],
+                  "data.val_limit=4", "data.num_workers=0", "trainer.max_epochs=1",
+                  "trainer.check_val_every_n_epoch=1"],
     "resnet_cifar10": ["data.batch_size=8", "data.train_limit=8", "data.val_limit=8", "data.num_workers=0",
                        "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"],
     "llm_text": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
@@ -116,7 +120,7 @@ def phase_command(phase: str, experiment: str, sweep_dir: Path, common: Sequence
                   exclude: Sequence[str] = ()) -> list[str]:
     """The ``python main.py -m ...`` command of one phase."""
     base = [sys.executable, str(REPO / "main.py"), "-m", f"experiment={experiment}", f"hydra.sweep.dir={sweep_dir}",
-            "hydra.callbacks.comparison_report.enabled=false", *common]
+            "~hydra.callbacks.comparison_report", *common]
     if phase == "train":
         return base
     if phase == "ptq":
@@ -127,7 +131,7 @@ def phase_command(phase: str, experiment: str, sweep_dir: Path, common: Sequence
 
 
 def run_phase(result: PhaseResult, sweep_dir: Path, timeout_s: float) -> None:
-    """Run the phase's command with its output in ``<sweep>/logs/<phase>.log``; stop its process group at the timeout."""
+    """Run the phase's command, output in ``<sweep>/logs/<phase>.log``; stop its process group at the timeout."""
     logs = sweep_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{result.name}.log"
@@ -150,7 +154,7 @@ def run_phase(result: PhaseResult, sweep_dir: Path, timeout_s: float) -> None:
 
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM to the phase's process group (main.py and its data workers), SIGKILL if it lingers."""
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -312,31 +316,55 @@ def environment() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------- bundle
-def _bundled(path: Path, sweep_dir: Path, groups: set[str]) -> bool:
-    rel = path.relative_to(sweep_dir).parts
-    if any(part in BUNDLE_SKIP for part in rel) or path.suffix in BUNDLE_SKIP_SUFFIXES:
-        return False
-    if "wandb" in rel:
-        return "wandb" in groups
-    if "heatmaps" in rel:
-        return "heatmaps" in groups
-    return True
+def bundle_tier(rel: Path) -> str | None:
+    """Which tier of the bundle a file of the sweep dir belongs to (None: never bundled).
+
+    ``core``: run.json, CSV logs, Hydra configs, quantization reports, job logs, kurtosis studies, the report, the
+    summary, and the W&B runs without their media; then the per-layer heatmaps and the W&B media (copies of the PNGs
+    under plots/) of seed 0, then those of the other seeds."""
+    parts = rel.parts
+    if any(part in BUNDLE_SKIP for part in parts) or rel.suffix in BUNDLE_SKIP_SUFFIXES:
+        return None
+    seed = parts[0].rsplit("-seed", 1)[-1] if "-seed" in parts[0] else ""
+    later = "" if seed == "0" else "_other_seeds"
+    if "wandb" in parts and "media" in parts:
+        return f"wandb_media{'_seed0' if not later else later}"
+    if "heatmaps" in parts:
+        return f"heatmaps{'_seed0' if not later else later}"
+    return "core"
+
+
+BUNDLE_TIERS = ("core", "heatmaps_seed0", "wandb_media_seed0", "heatmaps_other_seeds", "wandb_media_other_seeds")
 
 
 def bundle(sweep_dir: Path, target: Path, cap_bytes: int) -> dict[str, Any]:
-    """``target`` = tar.gz of the sweep dir without checkpoints; W&B runs and heatmaps are dropped, in that order
-    of preference (heatmaps first), when the archive would exceed ``cap_bytes``."""
-    files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
-    for groups in ({"wandb", "heatmaps"}, {"wandb"}, set()):
+    """``target`` = tar.gz of the sweep dir without checkpoints, with as many tiers (``BUNDLE_TIERS``, in order) as
+    fit in ``cap_bytes``. PNGs do not compress, so the size of a tier set is estimated first (PNG bytes plus a third
+    of the rest), and the archive is rebuilt with one tier fewer if it still comes out over the cap."""
+    tiers: dict[str, list[Path]] = {tier: [] for tier in BUNDLE_TIERS}
+    for path in sorted(p for p in sweep_dir.rglob("*") if p.is_file()):
+        tier = bundle_tier(path.relative_to(sweep_dir))
+        if tier is not None:
+            tiers[tier].append(path)
+
+    def estimate(paths: list[Path]) -> float:
+        return sum(p.stat().st_size * (1.0 if p.suffix == ".png" else 0.35) for p in paths)
+
+    count = 1
+    while count < len(BUNDLE_TIERS) and sum(estimate(tiers[t]) for t in BUNDLE_TIERS[:count + 1]) <= cap_bytes:
+        count += 1
+    while True:
         with tarfile.open(target, "w:gz", compresslevel=6) as archive:
-            for path in files:
-                if _bundled(path, sweep_dir, groups):
+            for tier in BUNDLE_TIERS[:count]:
+                for path in tiers[tier]:
                     archive.add(path, arcname=str(Path(sweep_dir.name) / path.relative_to(sweep_dir)))
         size = target.stat().st_size
-        if size <= cap_bytes:
+        if size <= cap_bytes or count == 1:
             break
-    left_out = sorted({"checkpoints"} | ({"wandb", "heatmaps"} - groups))
-    return {"file": target.name, "bytes": size, "left_out": left_out, "over_cap": size > cap_bytes}
+        count -= 1
+    left_out = ["checkpoints"] + [t for t in BUNDLE_TIERS[count:] if tiers[t]]
+    return {"file": target.name, "bytes": size, "tiers": list(BUNDLE_TIERS[:count]), "left_out": left_out,
+            "over_cap": size > cap_bytes}
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -389,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     data_root = (args.data_root or default_data_root()).resolve()
     trainer = args.trainer if args.trainer != "auto" else ("gpu" if cuda_available() else "cpu")
-    common = [f"paths.data_root={data_root}", f"trainer={trainer}", f"seed={args.seeds}",
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    common = [f"paths.data_root={data_root}", f"trainer={trainer}",
               *(TOY_COMMON + TOY_OVERRIDES[args.experiment] if args.toy else []), *args.set]
     wanted = args.phases.split(",")
     deadline = args.deadline_s
@@ -401,12 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = Flags()
     for name in PHASES:
         jobs = read_jobs(sweep_dir)
+        bf16_seeds = sorted({int(j["seed"]) for j in jobs if j["arm"] == BASELINE and j.get("mode") == "train"})
         exclude: list[str] = []
         skipped = "" if name in wanted else "not requested (--phases)"
-        if not skipped and any(p.timed_out for p in phases):
-            skipped = "an earlier phase hit the deadline"
-        if not skipped and name in ("ptq", "keep") and not any(j["arm"] == BASELINE for j in jobs):
-            skipped = "no finished bf16 job in the sweep dir"
+        if not skipped and name in ("ptq", "keep") and not set(seeds) & set(bf16_seeds):
+            skipped = "no finished bf16 job of the requested seeds in the sweep dir"
         if not skipped and name == "keep":
             flags = flagged_layers(sweep_dir, jobs)
             exclude = flags.excluded
@@ -415,14 +443,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif not exclude:
                 skipped = ("the BF16 kurtosis studies flag no layer that nvfp4 quantizes (flagged: "
                            f"{', '.join(flags.union) or 'none'}): the arm would be the nvfp4 arm")
-        if not skipped and time_left() < MIN_PHASE_S:
-            skipped = f"deadline: {max(time_left(), 0):.0f} s left"
-        result = PhaseResult(name, phase_command(name, args.experiment, sweep_dir, common, exclude), skipped=skipped)
+        limit = time_left() if name != "train" or deadline is None else min(time_left(), TRAIN_SHARE * deadline)
+        if not skipped and limit < MIN_PHASE_S:
+            skipped = f"deadline: {max(limit, 0):.0f} s left"
+        # PTQ and the keep arm run the seeds whose BF16 job finished (all of them unless the train phase was cut short)
+        phase_seeds = seeds if name == "train" else [s for s in seeds if s in bf16_seeds]
+        phase_common = [*common, "seed=" + ",".join(map(str, phase_seeds))]
+        result = PhaseResult(name, phase_command(name, args.experiment, sweep_dir, phase_common, exclude),
+                             skipped=skipped)
         phases.append(result)
         if skipped:
             print(f"[study] phase {name}: skipped ({skipped})", flush=True)
             continue
-        run_phase(result, sweep_dir, time_left())
+        run_phase(result, sweep_dir, limit)
 
     jobs = read_jobs(sweep_dir)
     if not flags.per_seed and jobs:
@@ -438,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     line = wall_line(args.experiment, device, arms)
     summary = {
         "experiment": args.experiment, "scale": "toy" if args.toy else "study", "trainer": trainer,
-        "seeds": [int(s) for s in args.seeds.split(",")], "headline_metric": headline, "baseline": BASELINE,
+        "seeds": seeds, "headline_metric": headline, "baseline": BASELINE,
         "sweep_dir": str(sweep_dir), "data_root": str(data_root), "overrides": common,
         "environment": env, "phases": [p.to_json() for p in phases],
         "kurtosis_flags": {"per_seed": flags.per_seed, "union": flags.union, "excluded_in_keep_arm": flags.excluded,

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -47,7 +48,8 @@ def test_sweep_is_three_seeds_of_the_five_training_arms_named_by_run(experiment)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper.params.seed == "0,1,2"
     assert cfg.hydra.sweeper.params.quant.split(",") == TRAINING_ARMS
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${run_name}"  # +arm=nvfp4_ptq finds the BF16 checkpoints by run name
+    # +arm=nvfp4_ptq finds the BF16 checkpoints by run name
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${run_name}"
     assert cfg.logger.wandb and not cfg.logger.log_checkpoints and cfg.analysis.enabled
 
 
@@ -132,25 +134,30 @@ def test_summary_gaps_and_wall_time_ratios_against_hand_computed_values(tmp_path
     assert "bf16 1.00x (12.0 s/job)" in line and "nvfp4 2.17x" in line and "nvfp4-ptq 0.25x (eval only)" in line
 
 
-def test_bundle_leaves_out_checkpoints_and_drops_heatmaps_then_wandb_over_the_cap(tmp_path):
+def test_bundle_leaves_out_checkpoints_and_fills_the_cap_tier_by_tier(tmp_path):
     sweep = tmp_path / "sweep"
-    job = sweep / "m-bf16-seed0"
-    for rel, size in {"run.json": 10, "checkpoints/best.ckpt": 1000, "plots/heatmaps/a.png": 30_000,
-                      "wandb/offline-run-1/run.wandb": 20_000}.items():
-        (job / rel).parent.mkdir(parents=True, exist_ok=True)
-        (job / rel).write_bytes(os.urandom(size))  # random bytes: gzip cannot shrink them
+    sizes = {"m-bf16-seed0/run.json": 10, "m-bf16-seed0/checkpoints/best.ckpt": 1000, "report/report.html": 10,
+             "m-bf16-seed0/plots/heatmaps/a.png": 30_000, "m-bf16-seed1/plots/heatmaps/b.png": 30_000,
+             "m-bf16-seed0/wandb/run-1/files/media/images/a.png": 20_000, "m-bf16-seed0/wandb/run-1/run-1.wandb": 10}
+    for rel, size in sizes.items():
+        (sweep / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sweep / rel).write_bytes(os.urandom(size))  # random bytes: gzip cannot shrink them
+    assert [study.bundle_tier(Path(rel)) for rel in sizes] == [
+        "core", None, "core", "heatmaps_seed0", "heatmaps_other_seeds", "wandb_media_seed0", "core"]
     target = tmp_path / "out.tar.gz"
     full = study.bundle(sweep, target, cap_bytes=10**6)
     with tarfile.open(target) as archive:
         names = archive.getnames()
-    assert full["left_out"] == ["checkpoints"] and not full["over_cap"]
-    assert "sweep/m-bf16-seed0/plots/heatmaps/a.png" in names and not any(n.endswith(".ckpt") for n in names)
-    no_heatmaps = study.bundle(sweep, target, cap_bytes=40_000)
-    assert no_heatmaps["left_out"] == ["checkpoints", "heatmaps"]
+    assert full["left_out"] == ["checkpoints"] and not full["over_cap"] and len(names) == len(sizes) - 1
+    assert not any(n.endswith(".ckpt") for n in names)
+    seed0 = study.bundle(sweep, target, cap_bytes=60_000)
+    assert seed0["tiers"] == ["core", "heatmaps_seed0", "wandb_media_seed0"]
+    assert seed0["left_out"] == ["checkpoints", "heatmaps_other_seeds"]
     bare = study.bundle(sweep, target, cap_bytes=5_000)
-    assert bare["left_out"] == ["checkpoints", "heatmaps", "wandb"] and not bare["over_cap"]
+    assert bare["tiers"] == ["core"] and not bare["over_cap"]
     with tarfile.open(target) as archive:
-        assert archive.getnames() == ["sweep/m-bf16-seed0/run.json"]
+        assert sorted(archive.getnames()) == ["sweep/m-bf16-seed0/run.json",
+                                              "sweep/m-bf16-seed0/wandb/run-1/run-1.wandb", "sweep/report/report.html"]
 
 
 def test_keep_phase_command_quotes_layer_names_for_hydra():
