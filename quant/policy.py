@@ -114,7 +114,8 @@ class Policy:
                 raise QuantError(f"Policy.{name}={value!r} is not valid; expected an integer >= 0")
         if self.amax_reduction not in AMAX_REDUCTIONS:
             raise QuantError(
-                f"Policy.amax_reduction={self.amax_reduction!r} is not valid; valid choices: {', '.join(AMAX_REDUCTIONS)}"
+                f"Policy.amax_reduction={self.amax_reduction!r} is not valid; valid choices: "
+                f"{', '.join(AMAX_REDUCTIONS)}"
             )
         if not isinstance(self.model_defaults, bool):
             raise QuantError(f"Policy.model_defaults={self.model_defaults!r} is not valid; valid choices: True, False")
