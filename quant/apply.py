@@ -236,7 +236,10 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None, policy: Poli
     excluded = _first_match(name, policy.exclude)
     if excluded is not None:
         return f"matches exclude pattern {excluded!r}"
-    return _block_reason(name, blocks, policy)
+    block = _block_reason(name, blocks, policy)
+    if block is not None:
+        return block
+    return next((f"kept in high precision: {why}" for kept, why in policy.keep_high_precision if kept == name), None)
 
 
 def _row(name: str, module: nn.Module, roles: dict[str, str] | None, policy: Policy, reason: str = "") -> LayerDecision:

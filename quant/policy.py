@@ -21,7 +21,9 @@ Layer selection (each rule's outcome shows up as a reason in the report; the fir
    ModuleList/Sequential whose children are numbered and hold GEMM layers inside sub-modules (the UNet's ``downs``
    and ``ups``, ResNet's ``layer1``..``layer4``, a decoder's ``layers``). Blocks are numbered across containers in
    model order.
-6. Shapes the format cannot block (``layer_formats.unsupported_reason``), and grouped convolutions.
+6. ``keep_high_precision``: (module name, reason) pairs decided outside the library, e.g. the layers a kurtosis
+   study flags (``quant.exclude_by_kurtosis``); the report shows each one with its reason.
+7. Shapes the format cannot block (``layer_formats.unsupported_reason``), and grouped convolutions.
 
 Roles: ``weight``, ``input`` (the activation X), ``grad`` (the output gradient dY, quantized only with
 ``backward=full``). ``roles=None`` means the format's default (NVFP4, FP8: all three; MXFP4: weight and input; NF4,
@@ -88,6 +90,7 @@ class Policy:
     model_defaults: bool = True
     seed: int = 0
     amax_reduction: str = "none"  # "world": MAX of the activation/gradient amax over all data-parallel ranks
+    keep_high_precision: tuple[tuple[str, str], ...] = ()  # (module name, why) pairs chosen by the caller
 
     def __post_init__(self) -> None:
         if self.format not in formats():
@@ -112,6 +115,11 @@ class Policy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
                 raise QuantError(f"Policy.{name}={value!r} is not valid; expected an integer >= 0")
+        keeps = tuple(tuple(pair) for pair in self.keep_high_precision)
+        if not all(len(pair) == 2 and all(isinstance(v, str) for v in pair) for pair in keeps):
+            raise QuantError(f"Policy.keep_high_precision={self.keep_high_precision!r} is not valid; expected "
+                             "(module name, reason) pairs of strings")
+        object.__setattr__(self, "keep_high_precision", keeps)
         if self.amax_reduction not in AMAX_REDUCTIONS:
             raise QuantError(
                 f"Policy.amax_reduction={self.amax_reduction!r} is not valid; valid choices: "

@@ -6,6 +6,7 @@ layout, same checks), so the modes compose these builders instead of repeating t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -27,6 +28,7 @@ from conf.errors import ConfigError
 from conf.schemas.root import RootConfig
 from quant import te_backend
 from trainers.distributed import is_global_zero
+from trainers.kurtosis_keep import kurtosis_keeps
 from trainers.loggers import build_loggers
 from trainers.precision import build_precision_plugin
 from trainers.reliability.files import atomic_write_bytes
@@ -77,6 +79,9 @@ class Job:
         job will run, so a refused resume leaves the folder as it was)."""
         qcfg = self.typed.quant
         policy = policy or qcfg.to_policy()
+        if qcfg.exclude_by_kurtosis is not None:
+            keeps = kurtosis_keeps(model, qcfg.exclude_by_kurtosis, qcfg.kurtosis_ckpt)
+            policy = dataclasses.replace(policy, keep_high_precision=keeps)
         self.backend = te_backend.resolve_backend(policy, qcfg.backend, precision=self.effective_precision(),
                                                   fp8_recipe=qcfg.fp8_recipe,
                                                   device="cuda" if self._uses_gpu() else "cpu")

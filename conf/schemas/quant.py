@@ -61,6 +61,10 @@ class QuantConfig:
     model_defaults: bool = True  # honour the model's high_precision_modules (UNet stem/head, LLM embeddings/head)
     seed: int = 0  # stochastic-rounding seed; the YAML files set ${seed} so it follows the run's seed
     amax_reduction: str = "none"  # none | world: activation/gradient amax per rank, or the MAX over all ranks
+    # keep in BF16 the layers the kurtosis study flags (robust z-score above this value within their module type),
+    # measured on the initial weights or on the weights of kurtosis_ckpt (a training checkpoint); null = off
+    exclude_by_kurtosis: Optional[float] = None
+    kurtosis_ckpt: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_choice("quant", "precision", self.precision, PRECISIONS)
@@ -77,6 +81,15 @@ class QuantConfig:
         if self.backward is not None:
             check_choice("quant", "backward", self.backward, BACKWARD_MODES)
         check_choice("quant", "amax_reduction", self.amax_reduction, AMAX_REDUCTIONS)
+        if self.exclude_by_kurtosis is not None and self.format == "none":
+            raise ConfigError("quant.exclude_by_kurtosis has no effect with quant.format=none (nothing is quantized); "
+                              "valid: null, or a quantized policy such as quant=nvfp4")
+        if self.exclude_by_kurtosis is not None and self.exclude_by_kurtosis <= 0:
+            raise ConfigError(f"quant.exclude_by_kurtosis={self.exclude_by_kurtosis} is out of range; valid range: "
+                              "(0, inf) (a robust z-score, e.g. 3.5)")
+        if self.kurtosis_ckpt is not None and self.exclude_by_kurtosis is None:
+            raise ConfigError("quant.kurtosis_ckpt is set but quant.exclude_by_kurtosis is null; set a z threshold "
+                              "such as quant.exclude_by_kurtosis=3.5")
         if self.format == "nvfp4" and self.precision == "16-mixed":
             raise ConfigError(
                 "quant.precision=16-mixed is not valid with quant.format=nvfp4: TE's FP4 GEMM has no FP16 output and "
