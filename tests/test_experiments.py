@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench import study
+from bench import study, study_tables
 from tests.conftest import CONF_DIR, REPO, SHARED_DATA, compose_config
 from trainers.app import run, validate
 
@@ -134,6 +134,24 @@ def test_summary_gaps_and_wall_time_ratios_against_hand_computed_values(tmp_path
     assert "bf16 1.00x (12.0 s/job)" in line and "nvfp4 2.17x" in line and "nvfp4-ptq 0.25x (eval only)" in line
 
 
+def test_results_tables_render_the_summary_numbers(tmp_path):
+    for seed, acc in enumerate([0.80, 0.84]):
+        _job(tmp_path / f"m-bf16-seed{seed}", "bf16", seed, {"test/acc1": acc, "test/loss": 0.5}, 10.0)
+        _job(tmp_path / f"m-nvfp4-seed{seed}", "nvfp4", seed, {"test/acc1": acc - 0.04, "test/loss": 0.6}, 25.0)
+    arms, headline = study.summarize_arms(study.read_jobs(tmp_path))
+    summary = {"experiment": "exp", "scale": "study", "seeds": [0, 1], "headline_metric": headline, "arms": arms,
+               "environment": {"gpu": "NVIDIA H100 80GB HBM3, 580.1, 81559 MiB", "date": "2026-11-25", "torch": "2.11"},
+               "wall_seconds": 300.0, "phases": [{"name": "keep", "skipped": "no layer flagged", "timed_out": False,
+                                                 "returncode": None}],
+               "kurtosis_flags": {"union": ["b1"], "excluded_in_keep_arm": []}, "failed_jobs": [],
+               "wall_line": study.wall_line("exp", "H100", arms)}
+    text = study_tables.experiment_markdown(summary)
+    assert "| arm | test/acc1 | test/loss | seeds | wall time / job vs BF16 |" in text
+    assert "| BF16 (baseline) | 0.8200 ± 0.0200 | 0.5000 ± 0.0000 | 2 | 1.00x |" in text
+    assert "| NVFP4 QAT, backward=full | 0.7800 ± 0.0200 (-4.88%) | 0.6000 ± 0.0000 (+20.00%) | 2 | 2.50x |" in text
+    assert "`b1` (already BF16 in the nvfp4 arm)" in text and "phase keep: no layer flagged" in text
+
+
 def test_bundle_leaves_out_checkpoints_and_fills_the_cap_tier_by_tier(tmp_path):
     sweep = tmp_path / "sweep"
     sizes = {"m-bf16-seed0/run.json": 10, "m-bf16-seed0/checkpoints/best.ckpt": 1000, "report/report.html": 10,
@@ -198,3 +216,6 @@ def test_study_driver_runs_the_three_phases_into_one_sweep_and_bundles_it(tmp_pa
     assert "sweep/report/report.html" in names and "sweep/study_summary.json" in names
     assert not any(name.endswith(".ckpt") for name in names)
     assert any("/wandb/offline-run-" in name for name in names)
+    tables = subprocess.run([sys.executable, "-m", "bench.study_tables", str(out / "llm_text.json")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert tables.returncode == 0 and "| NVFP4 PTQ of the BF16 model |" in tables.stdout

@@ -1,0 +1,100 @@
+"""Markdown tables of study summaries (``bench/study.py``'s ``<experiment>.json``), for docs/results.md.
+
+Why a script: the numbers in the results page must be the ones the runs produced, so they are rendered from the
+summary files kept under ``docs/results/`` instead of being copied by hand.
+
+Usage: ``python -m bench.study_tables docs/results/unet_coco.json [more.json ...]`` prints, per experiment, the run
+line (GPU, date, versions, seeds), one table row per arm (every test/ metric as mean +- std over seeds with the
+relative gap to BF16, wall time per job relative to BF16), the layers the kurtosis study flagged, the bench line,
+and any failed or skipped phase.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+ARM_TEXT = {
+    "bf16": "BF16 (baseline)",
+    "fp16": "FP16 AMP",
+    "nvfp4": "NVFP4 QAT, backward=full",
+    "nvfp4_ste": "NVFP4 QAT, backward=dequantized (STE)",
+    "nvfp4_fwd": "NVFP4 QAT, backward=high_precision",
+    "nvfp4_keep_bf16": "NVFP4 QAT (full), flagged layers BF16",
+    "nvfp4-ptq": "NVFP4 PTQ of the BF16 model",
+}
+
+
+def _cell(stat: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    text = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    gap = stat.get("gap_to_bf16")
+    return text if gap is None or gap == 0 else f"{text} ({100 * gap:+.2f}%)"
+
+
+def metric_columns(summary: dict[str, Any]) -> list[str]:
+    """The headline test metric first, then the other test/ metrics every arm has."""
+    arms = summary["arms"].values()
+    common = set.intersection(*(set(k for k in a["metrics"] if k.startswith("test/")) for a in arms)) if arms else set()
+    headline = summary.get("headline_metric")
+    rest = sorted(common - {headline})
+    return ([headline] if headline in common else []) + rest
+
+
+def experiment_markdown(summary: dict[str, Any]) -> str:
+    env = summary["environment"]
+    seeds = ", ".join(map(str, summary["seeds"]))
+    versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton", "lightning", "transformers")
+                         if env.get(name))
+    lines = [f"### {summary['experiment']}", "",
+             f"{env.get('gpu') or 'CPU'}; {env['date']}; {versions}; seeds {seeds}; "
+             f"study wall time {summary['wall_seconds']:.0f} s" + ("" if summary["scale"] == "study" else
+                                                                    f" (scale: {summary['scale']})"), ""]
+    columns = metric_columns(summary)
+    lines.append("| arm | " + " | ".join(columns) + " | seeds | wall time / job vs BF16 |")
+    lines.append("|---|" + "---|" * (len(columns) + 2))
+    for arm, entry in summary["arms"].items():
+        ratio = entry.get("wall_relative_to_bf16")
+        wall = "n/a" if ratio is None else f"{ratio:.2f}x" + (" (eval only)" if entry["mode"] != "train" else "")
+        cells = " | ".join(_cell(entry["metrics"].get(key)) for key in columns)
+        lines.append(f"| {ARM_TEXT.get(arm, arm)} | {cells} | {len(entry['seeds'])} | {wall} |")
+    lines += ["", "Mean ± std over seeds (population std); in parentheses the relative gap (arm - BF16) / |BF16|. "
+              "test/ metrics: the best checkpoint by the validation monitor, evaluated on the held-out split."]
+    flags = summary["kurtosis_flags"]
+    if flags["union"]:
+        lines += ["", "Layers the BF16 kurtosis studies flag (union over seeds): " + ", ".join(
+            f"`{name}`" + ("" if name in flags["excluded_in_keep_arm"] else " (already BF16 in the nvfp4 arm)")
+            for name in flags["union"])]
+    else:
+        lines += ["", "The BF16 kurtosis studies flag no layer (robust z of the per-tensor weight kurtosis above the "
+                  "threshold within a module type)."]
+    problems = [f"phase {p['name']}: " + (p["skipped"] or ("timed out" if p["timed_out"] else
+                                                            f"exit {p['returncode']}"))
+                for p in summary["phases"] if p["skipped"] or p["timed_out"] or p["returncode"] not in (0, None)]
+    problems += [f"failed job {job['folder']}: {job['message']}" for job in summary.get("failed_jobs", [])]
+    if problems:
+        lines += ["", "Not complete: " + "; ".join(problems) + "."]
+    lines += ["", "```", summary["wall_line"], "```"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.study_tables", description=__doc__.splitlines()[0])
+    parser.add_argument("summaries", nargs="+", type=Path, help="<experiment>.json files written by bench/study.py")
+    args = parser.parse_args(argv)
+    blocks = []
+    for path in args.summaries:
+        try:
+            blocks.append(experiment_markdown(json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            print(f"error: {path} is not a bench/study.py summary ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
+    print("\n\n".join(blocks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
