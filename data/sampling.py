@@ -79,15 +79,15 @@ def resolve_key(key: int | SampleKey, base_seed: int) -> tuple[int, np.random.Ge
 
 
 class _SkipFirstBatches:
-    """The loader's batch sampler with the first ``skip`` batches of its *next* pass left out (then reset to 0)."""
+    """The loader's batch sampler with its first ``skip`` batches left out (``ResumableDataLoader`` sets ``skip`` for
+    the one pass that resumes; the multi-worker iterator asks for the index iterator twice while it starts)."""
 
     def __init__(self, batches: Iterable[list[Any]]) -> None:
         self.batches = batches
         self.skip = 0
 
     def __iter__(self) -> Iterator[list[Any]]:
-        skip, self.skip = self.skip, 0
-        return islice(iter(self.batches), skip, None)
+        return islice(iter(self.batches), self.skip, None)
 
     def __len__(self) -> int:
         return len(self.batches)  # the full epoch: Lightning counts the skipped batches as already fetched
@@ -132,8 +132,12 @@ class ResumableDataLoader(DataLoader):
         if self._resume is not None and self._resume["epoch"] == self._epoch():
             skip = self._resume["batches"]
         self._resume = None
-        self._skipper.skip = skip
         self._served = skip
-        for batch in super().__iter__():
+        self._skipper.skip = skip
+        try:
+            batches = super().__iter__()  # creates (or resets) the index iterator(s) of this pass
+        finally:
+            self._skipper.skip = 0
+        for batch in batches:
             self._served += 1
             yield batch

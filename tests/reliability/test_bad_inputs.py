@@ -46,7 +46,7 @@ def _coco(cfg_factory, root: Path, *extra: str):
                        "data.num_workers=0", *extra)
 
 
-# -- configuration ---------------------------------------------------------------------------------------------------
+# -- configuration ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=-1", "optim.lr=-1.0 is out of range; valid range: [0.0, inf]"),
     ("trainer.nonfinite=ignore", "trainer.nonfinite='ignore' is not valid; valid choices: stop, skip"),
@@ -67,7 +67,7 @@ def test_unknown_option_and_wrong_type_exit_non_zero_without_a_traceback(tmp_pat
         assert "Traceback" not in result.stderr
 
 
-# -- data ------------------------------------------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------------------------------------
 def test_missing_data_path(cfg_factory, caplog, tmp_path):
     _fails(_coco(cfg_factory, tmp_path / "nowhere"), caplog, f"data.root={tmp_path / 'nowhere'} does not exist")
 
@@ -113,7 +113,7 @@ def test_tokenizer_files_missing(cfg_factory, caplog, tmp_path):
     _fails(cfg, caplog, f"tokenizer file is missing: {tmp_path / 'tok' / 'r50k_base.tiktoken'}")
 
 
-# -- checkpoints: a bad resume leaves the job folder as it was ------------------------------------------------------------
+# -- checkpoints: a bad resume leaves the job folder as it was --------------------------------------------------------
 def _resume(cfg_factory, job: Path, *extra: str):
     return cfg_factory(*overrides("llm"), "trainer.max_steps=4", f"paths.output_dir={job}", *extra)
 

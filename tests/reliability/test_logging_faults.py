@@ -12,7 +12,6 @@ import signal
 import threading
 from pathlib import Path
 
-import pytest
 
 from tests.reliability.support import checkpoint_step
 from tests.reliability.test_storage import _fill, tmpfs  # noqa: F401  (fixture)

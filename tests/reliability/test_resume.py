@@ -1,4 +1,4 @@
-"""Kill -9 and resume: the resumed run equals an uninterrupted one bit for bit (weights, optimizer, SR streams, metrics).
+"""Kill -9 and resume: the resumed run equals an uninterrupted one bit for bit (weights, optimizer, SR, metrics).
 
 The end-to-end test runs real ``main.py`` processes: an uninterrupted run and a twin that is killed with SIGKILL right
 after a mid-epoch checkpoint lands (the harshest moment: the rows of that step may not be in the CSV yet), then the
@@ -37,19 +37,18 @@ def _rows(path: Path) -> dict[tuple[str, ...], dict[str, str]]:
     return {(row["step"], *sorted(k for k, v in row.items() if v and k not in ("step", "epoch"))): row for row in rows}
 
 
-def test_kill_9_mid_epoch_then_rerun_with_ckpt_path_last_equals_the_uninterrupted_run(tmp_path, shared_cache):
-    args = main_args("llm", "quant=nvfp4", "trainer.max_steps=7", "trainer.limit_train_batches=4",
-                     "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=1", "trainer.deterministic=true",
-                     cache=shared_cache)
+def _kill_and_resume(tmp_path: Path, args: list[str], max_steps: int, kill_at: int) -> None:
+    """Run ``args`` straight and, next to it, a twin killed with SIGKILL once its last.ckpt reaches ``kill_at``, then
+    rerun the twin's command with ``ckpt_path=last``; both folders must end bit-identical."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = start_main(args, straight, tmp_path / "straight.log")
     victim = start_main(args, killed, tmp_path / "killed.log")
     last = killed / "checkpoints" / "last.ckpt"
-    wait_for(lambda: last.is_file() and checkpoint_step(last) >= 2, victim, what="a checkpoint at step 2")
+    wait_for(lambda: last.is_file() and checkpoint_step(last) >= kill_at, victim, what=f"a checkpoint at {kill_at}")
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     killed_at = checkpoint_step(last)
-    assert victim.returncode == -signal.SIGKILL and killed_at < 7
+    assert victim.returncode == -signal.SIGKILL and killed_at < max_steps
     assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
     resumed = run_main([*args, "ckpt_path=last"], killed)
@@ -58,11 +57,10 @@ def test_kill_9_mid_epoch_then_rerun_with_ckpt_path_last_equals_the_uninterrupte
 
     a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(last, map_location="cpu", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 7
+    assert a["global_step"] == b["global_step"] == max_steps
     assert same_tensors(a["state_dict"], b["state_dict"]) == []
     assert same_tensors(flat_tensors(a["optimizer_states"]), flat_tensors(b["optimizer_states"])) == []
-    sr_a, sr_b = a["callbacks"]["ResumeState"]["sr"], b["callbacks"]["ResumeState"]["sr"]
-    assert len(sr_a) > 0 and same_tensors(sr_a, sr_b) == []  # the SR streams continued where they stopped
+    assert same_tensors(a["callbacks"]["ResumeState"]["sr"], b["callbacks"]["ResumeState"]["sr"]) == []
     summary_a, summary_b = (json.loads((d / "run.json").read_text()) for d in (straight, killed))
     assert summary_a["metrics"] == summary_b["metrics"] and summary_b["resumed_from"] == str(last)
 
@@ -71,6 +69,26 @@ def test_kill_9_mid_epoch_then_rerun_with_ckpt_path_last_equals_the_uninterrupte
     missing = {key[0] for key in rows_a if key not in rows_b}
     assert missing <= {str(killed_at - 1)}  # at most the rows of the checkpoint's own step (docs/failures.md)
     assert not list((killed / "checkpoints").glob("*.tmp-*"))
+
+
+def test_kill_9_mid_epoch_then_rerun_with_ckpt_path_last_equals_the_uninterrupted_run(tmp_path, shared_cache):
+    """NVFP4 LLM (stochastic rounding in the backward), epochs of 4 batches, killed after step 2."""
+    args = main_args("llm", "quant=nvfp4", "trainer.max_steps=7", "trainer.limit_train_batches=4",
+                     "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=1", "trainer.deterministic=true",
+                     cache=shared_cache)
+    _kill_and_resume(tmp_path, args, max_steps=7, kill_at=2)
+    sr = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["ResumeState"]
+    assert len(sr["sr"]) > 0  # the policy's layers have SR streams, and they were compared above
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_unet_with_data_workers_and_augmentation_resumes_exactly(tmp_path, shared_cache):
+    """UNet + instance head (GroupNorm, Hungarian matching), NVFP4, shapes data with per-sample augmentation read by
+    two worker processes that prefetch ahead of training (the loader counts batches handed out, not fetched),
+    killed in its second epoch."""
+    args = main_args("unet", "quant=nvfp4", "data.num_workers=2", "trainer.max_steps=9", "trainer.val_check_interval=4",
+                     "trainer.checkpoint_every_n_steps=1", "trainer.deterministic=true", cache=shared_cache)
+    _kill_and_resume(tmp_path, args, max_steps=9, kill_at=5)
 
 
 class _Noisy(Dataset):
@@ -121,6 +139,35 @@ def test_resume_state_continues_the_global_rng_streams_and_the_epoch_position(tm
     _fit(tmp_path / "b", max_steps=6)
     resumed = _fit(tmp_path / "c", max_steps=14, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert same_tensors(straight, resumed) == []
+
+
+class _Indices(Dataset):
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, key):
+        return torch.tensor(key[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumable_loader_continues_after_the_batches_it_handed_out(workers):
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(_Indices(), batch_size=3, sampler=SeededSampler(20, seed=5), drop_last=True,
+                                   num_workers=workers, persistent_workers=workers > 0)
+
+    reference = loader()
+    reference.sampler.set_epoch(1)
+    epoch = [b.tolist() for b in reference]  # 6 batches of 3
+    first = loader()
+    first.sampler.set_epoch(1)
+    batches = iter(first)
+    seen = [next(batches).tolist() for _ in range(2)]
+    assert first.state_dict() == {"epoch": 1, "batches": 2}  # what left the loader, not what workers prefetched
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    assert seen + [b.tolist() for b in second] == epoch
+    second.sampler.set_epoch(2)
+    assert len(list(second)) == len(epoch)  # the next pass is a whole epoch again
 
 
 def test_rng_capture_round_trips_every_generator():

@@ -10,8 +10,9 @@ something is non-finite does ``locate`` spend time finding the culprit:
 * otherwise the forward pass is replayed on the same batch under ``no_grad`` with forward hooks on every module of
   the model, and the first module (in execution order, innermost first) whose output is non-finite while its inputs
   are finite is named. The replay runs under ``torch.random.fork_rng`` on copies of the modules' buffers, so it
-  changes nothing the run sees afterwards (not even the version counters autograd checks in the step's backward). A quantized layer that receives NaN/Inf raises
-  ``quant.QuantError`` naming itself and the operand; that message is used as is.
+  changes nothing the run sees afterwards (not even the version counters autograd checks in the step's backward).
+  A quantized layer that receives NaN/Inf raises ``quant.QuantError`` naming itself and the operand; that message
+  is used as is.
 * a non-finite gradient with a finite loss names the parameters concerned, the one nearest the output (in the
   model's definition order) first.
 

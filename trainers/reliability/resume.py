@@ -48,8 +48,9 @@ def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # [624] MT19937 words
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -137,7 +138,7 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-# -- which checkpoint to resume -----------------------------------------------------------------------------------------
+# -- which checkpoint to resume ---------------------------------------------------------------------------------------
 def last_checkpoint(output_dir: Path) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / LAST
 
@@ -162,7 +163,8 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path) -> Path | None:
 def _fresh(output_dir: Path) -> None:
     existing = sorted((Path(output_dir) / CHECKPOINT_DIR).glob("*.ckpt"))
     if existing:
-        raise ConfigError(f"{output_dir} already holds the checkpoints of a run ({', '.join(p.name for p in existing)}); "
+        names = ", ".join(p.name for p in existing)
+        raise ConfigError(f"{output_dir} already holds the checkpoints of a run ({names}); "
                           "a fresh start would overwrite them. Resume it with ckpt_path=last (or ckpt_path=auto), "
                           "or give this run another output dir (hydra.run.dir=...)")
     return None
@@ -179,7 +181,7 @@ def _where_runs_are(output_dir: Path) -> str:
     return hint
 
 
-# -- reading a checkpoint before anything is written ---------------------------------------------------------------------
+# -- reading a checkpoint before anything is written ------------------------------------------------------------------
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint on CPU; UserError if it cannot be read (truncated, not a checkpoint)."""
     try:
