@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Copy the real data sets the study needs from ../shared/data into the checkout's ignored .data/ folder, laid out as
 # ../shared/data is, so `paths.data_root=$PWD/.data` (device) and `paths.data_root=../shared/data` (here) are the same
-# study. The device tool carries at most 64 MiB per call, so the copies are grouped into pieces of at most ~55 MiB
-# that travel in consecutive calls (each call's `carry` names one piece; what an earlier call carried stays on the
-# warm machine):
+# study. The device tool carries at most 64 MiB per call (the repository included), so the copies are grouped into
+# pieces of at most ~55 MiB that travel in consecutive calls to one warm machine (each call's `carry` names one
+# piece; what an earlier call carried stays there). COCO needs two pieces, so unet_coco runs in the call that carries
+# the second of them:
 #
-#   piece text_coco_train  .data/tinyshakespeare .data/tinystories_sample .data/coco2017_tiny/annotations
-#                          .data/coco2017_tiny/train2017                                     (~51 MB)
-#   piece coco_val         .data/coco2017_tiny/val2017                                       (~24 MB)
-#   piece cifar10          .data/cifar10_jpeg                                                (~31 MB)
+#   piece text              .data/tinyshakespeare .data/tinystories_sample                    (~3 MiB: fits beside
+#                           the Python wheels)                                                 -> llm_text
+#   piece cifar10_coco_val  .data/cifar10_jpeg .data/coco2017_tiny/val2017        (~53 MiB)   -> resnet_cifar10
+#   piece coco_train        .data/coco2017_tiny/annotations .data/coco2017_tiny/train2017  (~47 MiB) -> unet_coco
 #
 # Usage: bench/stage_study_data.sh [SHARED_DATA_DIR]   (default: ../shared/data next to the checkout)
 # Prints each piece's carry list and size; exits non-zero naming the missing file if a source is absent.
@@ -26,13 +27,12 @@ if [ -d "$repo/.git" ] && ! grep -qx '/.data/' "$exclude" 2>/dev/null; then
 fi
 
 declare -A pieces=(
-    [text_coco_train]="tinyshakespeare/input.txt tinystories_sample/tinystories_train_first2MiB.txt
-                       coco2017_tiny/annotations coco2017_tiny/train2017"
-    [coco_val]="coco2017_tiny/val2017"
-    [cifar10]="cifar10_jpeg/cifar10_jpeg_train20k_test10k.zip"
+    [text]="tinyshakespeare/input.txt tinystories_sample/tinystories_train_first2MiB.txt"
+    [cifar10_coco_val]="cifar10_jpeg/cifar10_jpeg_train20k_test10k.zip coco2017_tiny/val2017"
+    [coco_train]="coco2017_tiny/annotations coco2017_tiny/train2017"
 )
 
-for name in text_coco_train coco_val cifar10; do
+for name in text cifar10_coco_val coco_train; do
     carry=()
     for item in ${pieces[$name]}; do
         if [ ! -e "$src/$item" ]; then
