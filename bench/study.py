@@ -67,12 +67,13 @@ SUMMARY_FILE = "study_summary.json"
 REPORT_RESERVE_S = 45.0  # kept back from the deadline for the report, the summary and the bundle
 MIN_PHASE_S = 20.0  # a phase that would get less than this is skipped
 TRAIN_SHARE = 0.72  # the train phase may use this share of the budget: PTQ and the keep arm need the rest
+LOG_TAIL_LINES = 25  # lines of a failed phase's log printed by the driver
 BUNDLE_SKIP = ("checkpoints", ".submitit")  # folders never bundled (checkpoints are tens of MB per job)
 BUNDLE_SKIP_SUFFIXES = (".ckpt", ".safetensors", ".pt")
 
 # CPU smoke scale: every job trains 2 optimizer steps (ResNet-18: 1; its emulated NVFP4 step costs ~7 s on one CPU
-# core) on a few samples and validates once. Same configs, same phases,
-# same files; only the sizes shrink (tests/test_experiments.py runs these).
+# core) on a few samples and validates once. Same configs, phases and files; only the sizes shrink
+# (tests/test_experiments.py runs these).
 TOY_COMMON = ["trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
               "trainer.limit_test_batches=1", "analysis.max_image_layers=1"]
 TOY_OVERRIDES: dict[str, list[str]] = {
@@ -142,7 +143,7 @@ def run_phase(result: PhaseResult, sweep_dir: Path, timeout_s: float) -> None:
         process = subprocess.Popen(result.command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            result.returncode = process.wait(timeout=timeout_s)
+            result.returncode = process.wait(timeout=None if math.isinf(timeout_s) else timeout_s)
         except subprocess.TimeoutExpired:
             result.timed_out = True
             _stop(process)
@@ -150,6 +151,9 @@ def run_phase(result: PhaseResult, sweep_dir: Path, timeout_s: float) -> None:
     result.wall_seconds = time.perf_counter() - started
     status = "timed out" if result.timed_out else f"exit {result.returncode}"
     print(f"[study] phase {result.name}: {status} after {result.wall_seconds:.1f} s (log: {log_path})", flush=True)
+    if result.returncode != 0:  # the log's end says which job failed and why (it is also in the bundle)
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(f"[study]   | {line}" for line in tail), flush=True)
 
 
 def _stop(process: subprocess.Popen) -> None:
