@@ -297,6 +297,16 @@ def headline_lines(headline: str | None, arms: dict[str, Any]) -> list[str]:
     return lines
 
 
+def key_figures(sweep_dir: Path, jobs: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's PNGs worth committing under docs/: the monitored metric's and the training loss's curves and the
+    per-layer kurtosis-vs-error scatter (paths relative to the sweep dir, as they are in the bundle)."""
+    monitor = next((j.get("monitor") for j in jobs if j.get("monitor")), None)
+    wanted = [f"_curve_{key.replace('/', '_')}.png" for key in (monitor, "train/loss") if key]
+    wanted.append("_kurtosis_vs_error.png")
+    figures = sorted((sweep_dir / "report" / "figures").glob("*.png"))
+    return [str(p.relative_to(sweep_dir)) for suffix in wanted for p in figures if p.name.endswith(suffix)]
+
+
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                             "host": platform.node(), "python": platform.python_version()}
@@ -483,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "arms": {arm: arms[arm] for arm in arm_order(list(arms))},
         "failed_jobs": failed_jobs(sweep_dir), "wall_line": line,
         "report": str(report_page.relative_to(sweep_dir)) if report_page else None,
+        "key_figures": key_figures(sweep_dir, jobs),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")

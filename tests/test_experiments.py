@@ -214,6 +214,9 @@ def test_study_driver_runs_the_three_phases_into_one_sweep_and_bundles_it(tmp_pa
     with tarfile.open(out / "llm_text.tar.gz") as archive:
         names = archive.getnames()
     assert "sweep/report/report.html" in names and "sweep/study_summary.json" in names
+    assert [Path(f).name for f in summary["key_figures"]] == [
+        "llm_text_curve_val_loss.png", "llm_text_curve_train_loss.png", "llm_text_kurtosis_vs_error.png"]
+    assert {f"sweep/{f}" for f in summary["key_figures"]} <= set(names)
     assert not any(name.endswith(".ckpt") for name in names)
     assert any("/wandb/offline-run-" in name for name in names)
     tables = subprocess.run([sys.executable, "-m", "bench.study_tables", str(out / "llm_text.json")], cwd=REPO,
