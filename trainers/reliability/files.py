@@ -17,7 +17,6 @@ from typing import Callable
 
 from conf.errors import UserError
 
-_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class StorageError(UserError):
@@ -27,8 +26,10 @@ class StorageError(UserError):
 def describe_os_error(exc: OSError) -> str:
     """``[Errno 28] No space left on device`` -> a sentence that says what to do about it."""
     reason = exc.strerror or str(exc)
-    if exc.errno in _SPACE_ERRNOS:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"{reason} (errno {exc.errno}): free space or give the run a larger disk"
+    if exc.errno == errno.EFBIG:
+        return f"{reason} (errno {exc.errno}): a file-size limit (ulimit -f) or the file system's largest file size"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"{reason} (errno {exc.errno}): the folder is not writable"
     return f"{reason} (errno {exc.errno})"
