@@ -8,12 +8,13 @@ CUDA and the Triton kernels are loaded once per phase, not once per job):
 
     train  experiment=<name>                         bf16, fp16, nvfp4, nvfp4_ste, nvfp4_fwd x seeds (seed-major)
     ptq    experiment=<name> +arm=nvfp4_ptq           each seed's best BF16 checkpoint under NVFP4, evaluated
-    keep   experiment=<name> +arm=nvfp4_keep_bf16     NVFP4 with the flagged layers in quant.exclude
-           quant.exclude=[<flagged>]
+    keep   experiment=<name> +arm=nvfp4_keep_bf16     NVFP4 keeping in BF16 what the kurtosis study flags on the
+                                                      same seed's final BF16 weights (quant.exclude_by_kurtosis)
 
-Flagged layers: the union over the BF16 seeds of the layers whose end-of-training kurtosis study says
-``keep_high_precision``, restricted to layers the NVFP4 arm really quantizes (a flagged stem that the model already
-keeps in BF16 changes nothing). No such layer: the keep phase is skipped and the summary says why.
+Flagged layers: the BF16 jobs' end-of-training kurtosis studies (``keep_high_precision``) say which layers the keep
+arm will keep; when none of them is a layer the nvfp4 arm quantizes (a flagged stem that the model keeps in BF16
+anyway changes nothing), the keep phase is skipped and the summary says why. What each keep job really kept is read
+back from its quantization report.
 
 Afterwards: the comparison report over the sweep dir (``analysis.report``), ``study_summary.json`` (final metrics per
 arm and seed, mean +- std, relative gap to BF16, wall time per arm relative to BF16), one printed line
@@ -62,7 +63,8 @@ PHASES = ("train", "ptq", "keep")
 BASELINE = "bf16"
 PTQ_ARM = "nvfp4-ptq"
 KEEP_ARM = "nvfp4_keep_bf16"
-QUANTIZED_ARM = "nvfp4"  # the arm whose quantization report says which flagged layers would change anything
+QUANTIZED_ARM = "nvfp4"  # the arm whose kurtosis study says which flagged layers it quantizes
+KEPT_BY_KURTOSIS = "kept in high precision: kurtosis study"  # quant_report.txt reason of quant.exclude_by_kurtosis
 SUMMARY_FILE = "study_summary.json"
 REPORT_RESERVE_S = 45.0  # kept back from the deadline for the report, the summary and the bundle
 MIN_PHASE_S = 20.0  # a phase that would get less than this is skipped
@@ -107,28 +109,29 @@ class PhaseResult:
 
 @dataclass
 class Flags:
-    """Layers the BF16 kurtosis studies flag, and the part of them that the keep arm moves to BF16."""
+    """Layers the BF16 kurtosis studies flag, the part of them that the keep arm moves to BF16, and what it kept."""
 
     per_seed: dict[int, list[str]] = field(default_factory=dict)
     union: list[str] = field(default_factory=list)
-    excluded: list[str] = field(default_factory=list)  # flagged and quantized by the nvfp4 arm
+    moved: list[str] = field(default_factory=list)  # flagged and quantized by the nvfp4 arm
     already_high_precision: list[str] = field(default_factory=list)  # flagged, but nvfp4 keeps them anyway
     reasons: dict[str, str] = field(default_factory=dict)  # layer -> the study's reason (first seed that flagged it)
+    kept_per_seed: dict[int, list[str]] = field(default_factory=dict)  # read from the keep jobs' quant reports
+
+    def to_json(self) -> dict[str, Any]:
+        return {"per_seed": self.per_seed, "union": self.union, "moved_to_bf16_in_keep_arm": self.moved,
+                "already_high_precision_in_nvfp4": self.already_high_precision, "reasons": self.reasons,
+                "kept_per_seed": self.kept_per_seed}
 
 
 # ------------------------------------------------------------------------------------------------------- commands
-def phase_command(phase: str, experiment: str, sweep_dir: Path, common: Sequence[str],
-                  exclude: Sequence[str] = ()) -> list[str]:
-    """The ``python main.py -m ...`` command of one phase."""
-    base = [sys.executable, str(REPO / "main.py"), "-m", f"experiment={experiment}", f"hydra.sweep.dir={sweep_dir}",
-            "~hydra.callbacks.comparison_report", *common]
-    if phase == "train":
-        return base
-    if phase == "ptq":
-        return [*base, "+arm=nvfp4_ptq"]
-    if phase == "keep":
-        return [*base, "+arm=nvfp4_keep_bf16", "quant.exclude=[" + ",".join(f"'{name}'" for name in exclude) + "]"]
-    raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+PHASE_ARGS = {"train": [], "ptq": ["+arm=nvfp4_ptq"], "keep": ["+arm=nvfp4_keep_bf16"]}
+
+
+def phase_command(phase: str, experiment: str, sweep_dir: Path, common: Sequence[str]) -> list[str]:
+    """The ``python main.py -m ...`` command of one phase (the report is built once, by the driver, at the end)."""
+    return [sys.executable, str(REPO / "main.py"), "-m", f"experiment={experiment}", f"hydra.sweep.dir={sweep_dir}",
+            "~hydra.callbacks.comparison_report", *common, *PHASE_ARGS[phase]]
 
 
 def run_phase(result: PhaseResult, sweep_dir: Path, timeout_s: float) -> None:
@@ -203,8 +206,15 @@ def kurtosis_rows(job_folder: Path) -> list[dict[str, Any]]:
     return json.loads(files[0].read_text())["layers"] if files else []
 
 
+def kept_layers(quant_report: str) -> list[str]:
+    """Module names that a ``quant_report.txt`` (``QuantReport.table()``) lists as kept by the kurtosis study."""
+    rows = quant_report.splitlines()
+    start = next((i + 1 for i, row in enumerate(rows) if row.startswith("------")), len(rows))
+    return [row.split()[0] for row in rows[start:] if KEPT_BY_KURTOSIS in row]
+
+
 def flagged_layers(sweep_dir: Path, jobs: Sequence[dict[str, Any]]) -> Flags:
-    """Union of the BF16 seeds' flagged layers; those the nvfp4 arm quantizes become the keep arm's exclusions."""
+    """The BF16 seeds' flagged layers, those of them the nvfp4 arm quantizes, and what the keep jobs kept."""
     flags = Flags()
     for job in sorted((j for j in jobs if j["arm"] == BASELINE and j.get("mode", "train") == "train"),
                       key=lambda j: j["seed"]):
@@ -217,8 +227,14 @@ def flagged_layers(sweep_dir: Path, jobs: Sequence[dict[str, Any]]) -> Flags:
     quantized: set[str] = set()
     for job in (j for j in jobs if j["arm"] == QUANTIZED_ARM):
         quantized |= {r["layer"] for r in kurtosis_rows(sweep_dir / job["folder"]) if r.get("quantized")}
-    flags.excluded = [name for name in flags.union if name in quantized]
+    if not quantized:  # no nvfp4 study to tell which layers it quantizes: assume every flagged layer would move
+        quantized = set(flags.union)
+    flags.moved = [name for name in flags.union if name in quantized]
     flags.already_high_precision = [name for name in flags.union if name not in quantized]
+    for job in (j for j in jobs if j["arm"] == KEEP_ARM):
+        report = sweep_dir / job["folder"] / "quant_report.txt"
+        if report.is_file():
+            flags.kept_per_seed[int(job["seed"])] = kept_layers(report.read_text())
     return flags
 
 
@@ -441,30 +457,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return math.inf if deadline is None else deadline - (time.perf_counter() - started) - REPORT_RESERVE_S
 
     phases: list[PhaseResult] = []
-    flags = Flags()
     for name in PHASES:
         jobs = read_jobs(sweep_dir)
         bf16_seeds = sorted({int(j["seed"]) for j in jobs if j["arm"] == BASELINE and j.get("mode") == "train"})
-        exclude: list[str] = []
         skipped = "" if name in wanted else "not requested (--phases)"
         if not skipped and name in ("ptq", "keep") and not set(seeds) & set(bf16_seeds):
             skipped = "no finished bf16 job of the requested seeds in the sweep dir"
         if not skipped and name == "keep":
-            flags = flagged_layers(sweep_dir, jobs)
-            exclude = flags.excluded
-            if not flags.per_seed:
+            predicted = flagged_layers(sweep_dir, jobs)
+            if not predicted.per_seed:
                 skipped = "the bf16 jobs wrote no kurtosis study (analysis off?)"
-            elif not exclude:
+            elif not predicted.moved:
                 skipped = ("the BF16 kurtosis studies flag no layer that nvfp4 quantizes (flagged: "
-                           f"{', '.join(flags.union) or 'none'}): the arm would be the nvfp4 arm")
+                           f"{', '.join(predicted.union) or 'none'}): the arm would be the nvfp4 arm")
         limit = time_left() if name != "train" or deadline is None else min(time_left(), TRAIN_SHARE * deadline)
         if not skipped and limit < MIN_PHASE_S:
             skipped = f"deadline: {max(limit, 0):.0f} s left"
         # PTQ and the keep arm run the seeds whose BF16 job finished (all of them unless the train phase was cut short)
         phase_seeds = seeds if name == "train" else [s for s in seeds if s in bf16_seeds]
         phase_common = [*common, "seed=" + ",".join(map(str, phase_seeds))]
-        result = PhaseResult(name, phase_command(name, args.experiment, sweep_dir, phase_common, exclude),
-                             skipped=skipped)
+        result = PhaseResult(name, phase_command(name, args.experiment, sweep_dir, phase_common), skipped=skipped)
         phases.append(result)
         if skipped:
             print(f"[study] phase {name}: skipped ({skipped})", flush=True)
@@ -472,8 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_phase(result, sweep_dir, limit)
 
     jobs = read_jobs(sweep_dir)
-    if not flags.per_seed and jobs:
-        flags = flagged_layers(sweep_dir, jobs)
+    flags = flagged_layers(sweep_dir, jobs)
     report_page = None
     if jobs:
         from analysis.report import build_report  # imports torch/lightning: only once there is something to show
@@ -488,8 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": seeds, "headline_metric": headline, "baseline": BASELINE,
         "sweep_dir": str(sweep_dir), "data_root": str(data_root), "overrides": common,
         "environment": env, "phases": [p.to_json() for p in phases],
-        "kurtosis_flags": {"per_seed": flags.per_seed, "union": flags.union, "excluded_in_keep_arm": flags.excluded,
-                           "already_high_precision_in_nvfp4": flags.already_high_precision, "reasons": flags.reasons},
+        "kurtosis_flags": flags.to_json(),
         "arms": {arm: arms[arm] for arm in arm_order(list(arms))},
         "failed_jobs": failed_jobs(sweep_dir), "wall_line": line,
         "report": str(report_page.relative_to(sweep_dir)) if report_page else None,

@@ -66,8 +66,12 @@ def experiment_markdown(summary: dict[str, Any]) -> str:
     flags = summary["kurtosis_flags"]
     if flags["union"]:
         lines += ["", "Layers the BF16 kurtosis studies flag (union over seeds): " + ", ".join(
-            f"`{name}`" + ("" if name in flags["excluded_in_keep_arm"] else " (already BF16 in the nvfp4 arm)")
+            f"`{name}`" + ("" if name in flags["moved_to_bf16_in_keep_arm"] else " (already BF16 in the nvfp4 arm)")
             for name in flags["union"])]
+        if flags.get("kept_per_seed"):
+            lines.append("Kept in BF16 by the keep arm (its quant_report.txt): " + "; ".join(
+                f"seed {seed}: " + (", ".join(f"`{n}`" for n in names) or "none")
+                for seed, names in sorted(flags["kept_per_seed"].items(), key=lambda item: int(item[0]))))
     else:
         lines += ["", "The BF16 kurtosis studies flag no layer (robust z of the per-tensor weight kurtosis above the "
                   "threshold within a module type)."]

@@ -17,9 +17,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import quant
 from bench import study, study_tables
 from tests.conftest import CONF_DIR, REPO, SHARED_DATA, compose_config
 from trainers.app import run, validate
@@ -65,8 +67,10 @@ def test_every_arm_composes_and_reads_its_data_set_under_data_root(experiment, t
     assert (ptq.mode, ptq.quant.format, ptq.quant.backward, ptq.run_name) == ("ptq", "nvfp4", "full",
                                                                              f"{model}-nvfp4-ptq-seed0")
     assert ptq.ckpt_path.endswith(f"/{model}-bf16-seed0/checkpoints/best.ckpt")
-    keep = validate(_compose(experiment, tmp_path, "+arm=nvfp4_keep_bf16", "quant.exclude=[a.b,c]"))
-    assert (keep.quant.name, keep.quant.format, keep.quant.exclude) == ("nvfp4_keep_bf16", "nvfp4", ["a.b", "c"])
+    keep = validate(_compose(experiment, tmp_path, "+arm=nvfp4_keep_bf16"))
+    assert (keep.quant.name, keep.quant.format, keep.quant.exclude_by_kurtosis) == ("nvfp4_keep_bf16", "nvfp4",
+                                                                                    keep.analysis.kurtosis_z_threshold)
+    assert keep.quant.kurtosis_ckpt.endswith(f"/{model}-bf16-seed0/checkpoints/last.ckpt")
 
 
 # llm_tinystories is llm_text on another file (its path is checked above): slow only.
@@ -112,8 +116,17 @@ def test_flagged_layers_are_the_union_over_bf16_seeds_restricted_to_what_nvfp4_q
     flags = study.flagged_layers(tmp_path, study.read_jobs(tmp_path))
     assert flags.per_seed == {0: ["stem", "b1"], 1: ["b2"]}
     assert flags.union == ["stem", "b1", "b2"]
-    assert flags.excluded == ["b1", "b2"] and flags.already_high_precision == ["stem"]
+    assert flags.moved == ["b1", "b2"] and flags.already_high_precision == ["stem"]
     assert flags.reasons["b2"] == "b2 is heavy"
+
+
+def test_kept_layers_are_read_from_a_real_quantization_report():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                                torch.nn.Linear(32, 16))
+    keeps = (("2", "kurtosis study on the weights of x.ckpt flags it (z 9.1; threshold z > 3.5)"),)
+    policy = quant.Policy(format="nvfp4", exclude=("0",), keep_high_precision=keeps)
+    table = quant.apply(model, policy).table()
+    assert study.kept_layers(table) == ["2"]  # "0" is excluded by pattern, "3" quantized: neither is reported kept
 
 
 def test_summary_gaps_and_wall_time_ratios_against_hand_computed_values(tmp_path):
@@ -143,13 +156,15 @@ def test_results_tables_render_the_summary_numbers(tmp_path):
                "environment": {"gpu": "NVIDIA H100 80GB HBM3, 580.1, 81559 MiB", "date": "2026-11-25", "torch": "2.11"},
                "wall_seconds": 300.0, "phases": [{"name": "keep", "skipped": "no layer flagged", "timed_out": False,
                                                  "returncode": None}],
-               "kurtosis_flags": {"union": ["b1"], "excluded_in_keep_arm": []}, "failed_jobs": [],
+               "kurtosis_flags": {"union": ["b1"], "moved_to_bf16_in_keep_arm": [], "kept_per_seed": {"0": []}},
+               "failed_jobs": [],
                "wall_line": study.wall_line("exp", "H100", arms)}
     text = study_tables.experiment_markdown(summary)
     assert "| arm | test/acc1 | test/loss | seeds | wall time / job vs BF16 |" in text
     assert "| BF16 (baseline) | 0.8200 ± 0.0200 | 0.5000 ± 0.0000 | 2 | 1.00x |" in text
     assert "| NVFP4 QAT, backward=full | 0.7800 ± 0.0200 (-4.88%) | 0.6000 ± 0.0000 (+20.00%) | 2 | 2.50x |" in text
     assert "`b1` (already BF16 in the nvfp4 arm)" in text and "phase keep: no layer flagged" in text
+    assert "Kept in BF16 by the keep arm (its quant_report.txt): seed 0: none" in text
 
 
 def test_bundle_leaves_out_checkpoints_and_fills_the_cap_tier_by_tier(tmp_path):
@@ -178,13 +193,6 @@ def test_bundle_leaves_out_checkpoints_and_fills_the_cap_tier_by_tier(tmp_path):
                                               "sweep/m-bf16-seed0/wandb/run-1/run-1.wandb", "sweep/report/report.html"]
 
 
-def test_keep_phase_command_quotes_layer_names_for_hydra():
-    command = study.phase_command("keep", "llm_text", REPO / "x", ["seed=0"], exclude=["model.layers.0.mlp.up_proj"])
-    assert command[-2:] == ["+arm=nvfp4_keep_bf16", "quant.exclude=['model.layers.0.mlp.up_proj']"]
-    with pytest.raises(ValueError, match="valid: train, ptq, keep"):
-        study.phase_command("export", "llm_text", REPO / "x", [])
-
-
 # ----------------------------------------------------------------------------------------------- the driver, live
 @pytest.mark.slow
 @needs_data["llm_text"]
@@ -193,7 +201,7 @@ def test_study_driver_runs_the_three_phases_into_one_sweep_and_bundles_it(tmp_pa
     result = subprocess.run(
         [sys.executable, "-m", "bench.study", "llm_text", "--toy", "--seeds", "0", "--trainer", "cpu",
          "--data-root", str(SHARED_DATA), "--sweep-dir", str(sweep), "--out", str(out),
-         "--set", "analysis.kurtosis_z_threshold=0.0", "--set", f"paths.cache_dir={tmp_path / 'cache'}"],
+         "--set", "analysis.kurtosis_z_threshold=0.5", "--set", f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "llm_text.json").read_text())
@@ -203,11 +211,10 @@ def test_study_driver_runs_the_three_phases_into_one_sweep_and_bundles_it(tmp_pa
     assert summary["headline_metric"] == "test/loss" and "test/ppl" in arms["nvfp4"]["metrics"]
     assert arms["bf16"]["wall_relative_to_bf16"] == 1.0 and arms["nvfp4-ptq"]["mode"] == "ptq"
     flags = summary["kurtosis_flags"]
-    assert flags["excluded_in_keep_arm"] and set(flags["excluded_in_keep_arm"]) <= set(flags["union"])
-    keep_report = (sweep / "llm-nvfp4_keep_bf16-seed0" / "quant_report.txt").read_text()
-    for layer in flags["excluded_in_keep_arm"]:
-        (line,) = [row for row in keep_report.splitlines() if row.split() and row.split()[0] == layer]
-        assert "exclude" in line
+    # the keep arm's policy studied BF16's final weights (last.ckpt): the layers it kept are exactly the ones the
+    # BF16 job's own end-of-training study flagged among those nvfp4 quantizes
+    assert flags["moved_to_bf16_in_keep_arm"]
+    assert flags["kept_per_seed"] == {"0": flags["moved_to_bf16_in_keep_arm"]}
     ptq_run = json.loads((sweep / "llm-nvfp4-ptq-seed0" / "run.json").read_text())
     assert ptq_run["checkpoint"] == str(sweep / "llm-bf16-seed0" / "checkpoints" / "best.ckpt")
     assert "wall time per arm relative to bf16" in result.stdout
