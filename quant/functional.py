@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from quant import distributed, gemm, layer_formats
+from quant import distributed, gemm, kernels, layer_formats, nvfp4
 from quant.errors import QuantError
 from quant.gemm import Operand
+from quant.kernels import checks
 from quant.layer_formats import LayerFormat, SlotRequest
 from quant.recipe import Recipe
 
@@ -68,17 +69,40 @@ _SLOT_WORDS = {
     "wgrad_grad": "output gradient (wgrad)",
     "wgrad_input": "input (wgrad)",
 }
+_KEY_MASK = (1 << 63) - 1  # Philox keys are non-negative int64
+_PHILOX_TAG = 0x6670346C61625352  # first word of a Philox SR state in ``sr_state`` ("fp4labSR")
+
+
+def _philox_bytes(key: int, counter: int) -> Tensor:
+    """A Philox SR state as ``sr_state`` returns it: uint8 CPU [24] = int64 (tag, key, counter)."""
+    return torch.tensor([_PHILOX_TAG, key, counter], dtype=torch.int64).view(torch.uint8)
+
+
+def _is_philox_bytes(state: Tensor) -> bool:
+    return state.dtype == torch.uint8 and state.numel() == 24 and int(state.view(torch.int64)[0]) == _PHILOX_TAG
 
 
 class LayerQuantizer:
     """The quantization state of one layer: format, recipe, quantized roles, its stochastic-rounding stream and how
     its activation and gradient amax are shared across data-parallel ranks (``quant.distributed``).
 
-    The SR generator is created lazily on the device of the first tensor it serves, seeded with
-    ``distributed.rank_seed(seed, rank)`` (``seed`` on rank 0 and without a process group); its state can be read and
-    restored (``sr_state`` / ``load_sr_state``) so a resumed run continues the same stream. Checkpoints hold rank 0's
-    state: a state loaded on a rank r > 0 is taken as rank 0's, and rank r continues on a stream seeded from that
-    state and r, so ranks still draw different bits after a resume.
+    Stochastic rounding has one stream per layer, seeded with ``distributed.rank_seed(seed, rank)`` (``seed`` on rank
+    0 and without a process group), in one of two forms that follow the device:
+
+    * reference path (CPU, or CUDA without the kernels): a ``torch.Generator`` created lazily on the device of the
+      first gradient it rounds; each SR operand draws its bits from it (``torch.randint``).
+    * kernel path (CUDA with the Triton kernels): a Philox (key, counter) int64 tensor on the device. Each training
+      call reserves two counters (dgrad dY, wgrad dY^T) and advances the counter, as ordinary tensor ops, so
+      torch.compile traces SR without a graph break; the kernels draw 8 bits per element from Philox(key, (block,
+      counter)).
+
+    The stream's state can be read and restored (``sr_state`` / ``load_sr_state``: the generator's state, or a
+    24-byte Philox state) so a resumed run continues the same stream. Checkpoints hold rank 0's state: a state loaded
+    on a rank r > 0 is taken as rank 0's, and rank r continues on a stream of its own (a Philox key mixed with r, or a
+    generator seeded from the state and r), so ranks still draw different bits after a resume.
+
+    Traced code never reads the layer's name or seed (Dynamo would guard on them and compile every layer again):
+    error messages name operands through an ``OwnedName`` handle, and the Philox state is created outside the trace.
     """
 
     def __init__(self, name: str, fmt: LayerFormat, recipe: Recipe, roles: frozenset[str], seed: int,
@@ -89,8 +113,10 @@ class LayerQuantizer:
         self.roles = frozenset(roles)
         self.seed = int(seed)
         self.amax_reduction = distributed.AmaxReduction(amax_reduction)
+        self._owner = checks.register_owner(name)
         self._generator: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
+        self._philox: Tensor | None = None  # int64 [2] (key, counter) on the kernel path's device
+        self._pending_state: Tensor | None = None  # a loaded state, applied when the stream is next created
 
     @property
     def backward(self) -> str:
@@ -120,10 +146,14 @@ class LayerQuantizer:
         return f"LayerQuantizer({self.name!r}, backward={self.backward}, {roles}{shared})"
 
     # -- stochastic rounding stream -------------------------------------------------------------------------------
+    def _rank_seed(self) -> int:
+        return distributed.rank_seed(self.seed, distributed.process_rank())
+
     def generator(self, device: torch.device) -> torch.Generator:
+        """The reference path's SR generator on ``device`` (created, and a loaded state applied, on first use)."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(distributed.rank_seed(self.seed, distributed.process_rank()))
+            self._generator.manual_seed(self._rank_seed())
             if self._pending_state is not None:
                 self._restore(self._generator, self._pending_state)
                 self._pending_state = None
@@ -132,34 +162,85 @@ class LayerQuantizer:
     @staticmethod
     def _restore(generator: torch.Generator, state: Tensor) -> None:
         rank = distributed.process_rank()
-        if rank == 0:
+        if rank == 0 and not _is_philox_bytes(state):
             generator.set_state(state)
-        else:  # a checkpoint's state is rank 0's: continue on a stream of this rank's own
+        else:  # another rank's state, or a kernel-path state: a generator stream of this rank's own derived from it
             generator.manual_seed(distributed.rank_seed(distributed.state_seed(state), rank))
 
+    def sr_seeds(self, x: Tensor, track: bool) -> Tensor | None:
+        """Philox (key, counter) of this call's two SR operands, int64 [2, 2] (rows: dgrad dY, wgrad dY^T), and the
+        layer's counter advanced past them; None unless this call will round gradients stochastically on the kernel
+        path (autograd records it, ``full`` backward, SR on, ``x`` on CUDA with the kernels, no amax reduction)."""
+        if not (track and self.backward == "full" and "grad" in self.roles and self.format.uses_sr(self.recipe)
+                and kernels.enabled_for(x) and self.amax_reduction.reducer() is None):
+            return None
+        if self._philox is None or self._philox.device != x.device:
+            self._place_philox(x.device)
+        state = self._philox
+        step = torch.arange(2, dtype=torch.int64, device=state.device)  # [0, 1]: counters c and c + 1
+        # A new state tensor, not an in-place add: AOTAutograd may recompute ``seeds`` from the state in the backward
+        # graph, which would then read a mutated input (the counters of the next call).
+        self._philox = state + 2 * step
+        return torch.stack((state, state + step))  # [[key, c], [key, c + 1]]
+
+    def prime(self, device: torch.device) -> None:
+        """Create the kernel path's SR state on ``device`` now. Optional: ``sr_seeds`` creates it on first use, which
+        under torch.compile costs one graph break in the first compiled call of each layer (never later)."""
+        if (self.backward == "full" and "grad" in self.roles and self.format.uses_sr(self.recipe)
+                and kernels.enabled_for(torch.empty(0, device=device))):
+            self._place_philox(torch.device(device))
+
+    @torch.compiler.disable
+    def _place_philox(self, device: torch.device) -> None:
+        """Create the Philox state on ``device`` (from a loaded state if any), or move it there; runs outside the
+        trace so that compiled code never reads the seed."""
+        if self._philox is not None:
+            self._philox = self._philox.to(device)
+            return
+        key, counter = self._rank_seed() & _KEY_MASK, 0
+        pending, self._pending_state = self._pending_state, None
+        rank = distributed.process_rank()
+        if pending is not None and _is_philox_bytes(pending):
+            _, key, counter = pending.view(torch.int64).tolist()
+            key = key if rank == 0 else distributed.rank_seed(key, rank) & _KEY_MASK
+        elif pending is not None and not torch.equal(pending, _fresh_generator_state(self.seed)):
+            key = distributed.rank_seed(distributed.state_seed(pending), rank) & _KEY_MASK  # a reference-path stream
+        self._philox = torch.tensor([key, counter], dtype=torch.int64, device=device)
+
     def sr_state(self) -> Tensor:
-        """The SR generator's state (a CPU uint8 tensor); the seeded initial state if it has not been used yet."""
+        """The SR stream's state (a CPU uint8 tensor): the Philox state of the kernel path if it exists, else the
+        generator's state, else the state loaded last, else the seeded initial generator state."""
+        if self._philox is not None:
+            key, counter = self._philox.tolist()
+            return _philox_bytes(key, counter)
         if self._generator is not None:
             return self._generator.get_state()
         if self._pending_state is not None:
             return self._pending_state.clone()
-        fresh = torch.Generator()
-        fresh.manual_seed(distributed.rank_seed(self.seed, distributed.process_rank()))
-        return fresh.get_state()
+        return _fresh_generator_state(self._rank_seed())
 
     def load_sr_state(self, state: Tensor) -> None:
-        """Restore a state from ``sr_state``; applied now, or on first use if the generator does not exist yet."""
-        if self._generator is not None:
-            self._restore(self._generator, state)
-        else:
-            self._pending_state = state.clone()
+        """Restore a state from ``sr_state``; the stream continues from it on its next use (on either path)."""
+        self._pending_state = state.clone()
+        if self._philox is not None:  # recreate it now, from the loaded state (so no compiled call has to)
+            device, self._philox = self._philox.device, None
+            self._place_philox(device)
+        if self._generator is not None:  # recreate it now, from the loaded state
+            device, self._generator = self._generator.device, None
+            self.generator(device)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        # A Generator does not survive pickling on every device; an unused one is re-seeded (per rank) after loading.
-        state["_pending_state"] = None if self._generator is None and self._pending_state is None else self.sr_state()
-        state["_generator"] = None
+        # Generators and device tensors do not survive pickling on every device: keep the state as CPU bytes (an unused
+        # stream is re-seeded, per rank, after loading); the name handle is registered again in this process.
+        used = self._generator is not None or self._philox is not None or self._pending_state is not None
+        state["_pending_state"] = self.sr_state() if used else None
+        state["_generator"] = state["_philox"] = state["_owner"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._owner = checks.register_owner(self.name)
 
     # -- operands -------------------------------------------------------------------------------------------------
     def compute_dtype(self, x: Tensor, weight: Tensor) -> torch.dtype:
@@ -184,27 +265,48 @@ class LayerQuantizer:
             )
         return dtype
 
-    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False) -> Operand:
-        """Quantize the 2-D operand ``x`` of ``slot`` if its role is quantized, else return it in the compute dtype."""
+    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False,
+                seed: Tensor | None = None) -> Operand:
+        """Quantize the 2-D operand ``x`` of ``slot`` if its role is quantized, else return it in the compute dtype.
+
+        ``seed``: the Philox (key, counter) of a grad slot on the kernel path (``sr_seeds``); without it, stochastic
+        rounding draws from the layer's generator."""
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
         role = layer_formats.SLOT_ROLE[slot]
-        generator = self.generator(x.device) if role == "grad" else None
+        draws = role == "grad" and seed is None and self.format.uses_sr(self.recipe)
+        generator = self.generator(x.device) if draws else None
         amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
-        request = SlotRequest(slot=slot, name=f"{self.name} {_SLOT_WORDS[slot]}", rht=rht, generator=generator,
-                              amax_reduce=amax_reduce)
+        request = SlotRequest(slot=slot, name=checks.OwnedName(self._owner, _SLOT_WORDS[slot]), rht=rht,
+                              generator=generator, amax_reduce=amax_reduce, seed=seed)
         return self.format.quantize(x, request, self.recipe, compute_dtype)
 
-    def dgrad_weight(self, fprop_matrix: Tensor, to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Operand:
-        """The dgrad GEMM's weight operand. ``fprop_matrix``: W as the forward GEMM's operand ([N, K] or
-        [Co, kh*kw*Ci]); ``to_dgrad`` maps that layout to the dgrad one ([K, N] or [Ci, kh*kw*Co]).
+    def reuses_fprop_weight(self) -> bool:
+        """Does the dgrad GEMM use the forward's quantized W (relaid) instead of quantizing W^T? (``full`` backward)"""
+        return "weight" in self.roles and self.format.dgrad_weight_is_fprop_weight(self.recipe)
 
-        Weight-only storage formats reuse the forward's quantized W; the others quantize W^T along the dgrad
-        reduction dim (for NVFP4 16x16 tiles that gives the forward codes transposed, SPEC 1.4).
-        """
-        if self.format.dgrad_weight_from_fprop and "weight" in self.roles:
-            return to_dgrad(gemm.dense(self.operand("fprop_weight", fprop_matrix, dtype), dtype))
-        return self.operand("dgrad_weight", to_dgrad(fprop_matrix), dtype)
+    def kept_for_dgrad(self, fprop_weight: Operand, weight: Tensor) -> Operand | Tensor:
+        """What a ``full`` forward saves for the dgrad weight operand: the quantized forward operand when the backward
+        reuses it (no requantization, 0.56 bytes per element for NVFP4), else the weight parameter itself."""
+        return fprop_weight if self.reuses_fprop_weight() else weight
+
+    def dgrad_weight(self, kept: Operand | Tensor, fprop_matrix: Callable[[Tensor], Tensor],
+                     to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Operand:
+        """The dgrad GEMM's weight operand from what ``kept_for_dgrad`` saved. ``fprop_matrix`` maps the weight
+        parameter to the forward GEMM's layout ([N, K] or [Co, kh*kw*Ci]); ``to_dgrad`` maps that layout to the dgrad
+        one ([K, N] or [Ci, kh*kw*Co]).
+
+        Reused forward operands (weight-storage formats; NVFP4 16x16 tiles, whose W^T codes are the forward codes
+        transposed, SPEC 1.4) are relaid; otherwise W^T is quantized along the dgrad reduction dim."""
+        if self.reuses_fprop_weight():
+            return gemm.Relaid(kept, to_dgrad) if gemm.is_nvfp4(kept) else to_dgrad(kept)
+        return self.operand("dgrad_weight", to_dgrad(fprop_matrix(kept)), dtype)
+
+
+def _fresh_generator_state(seed: int) -> Tensor:
+    fresh = torch.Generator()
+    fresh.manual_seed(seed)
+    return fresh.get_state()
 
 
 def _autocast_off(x: Tensor):
@@ -218,61 +320,127 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch.dtype) -> tuple[Operand, Operand]:
+def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch.dtype, seed: Tensor | None
+                ) -> tuple[Operand, Operand]:
     """Quantized wgrad operands dY^T [rows_a, T] and X^T [rows_b, T], blocked (and RHT'ed) along tokens T."""
     rht = q.wgrad_rht
     if rht:
         grad_t, input_t = _pad_tokens(grad_t), _pad_tokens(input_t)
-    return (q.operand("wgrad_grad", grad_t, dtype, rht=rht), q.operand("wgrad_input", input_t, dtype, rht=rht))
+    return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed),
+            q.operand("wgrad_input", input_t, dtype, rht=rht))
+
+
+def _seed(seeds: Tensor | None, gemm_index: int) -> Tensor | None:
+    """The Philox (key, counter) of the dgrad (0) or wgrad (1) SR operand, or None (the generator serves)."""
+    return None if seeds is None else seeds[gemm_index]
+
+
+def _save(ctx, *items: Operand | Tensor | None) -> None:
+    """save_for_backward that also takes NVFP4 operands (codes, scales and amax saved; the rest kept on ctx)."""
+    tensors, layouts = [], []
+    for item in items:
+        if isinstance(item, nvfp4.NVFP4Tensor):
+            tensors += [item.codes, item.scales, item.amax]
+            layouts.append((item.shape, item.dtype, item.tile, item.rht, item.stochastic))
+        else:
+            tensors.append(item)
+            layouts.append(None)
+    ctx.save_for_backward(*tensors)
+    ctx.layouts = layouts
+
+
+def _saved(ctx) -> list[Operand | Tensor | None]:
+    tensors, items, i = ctx.saved_tensors, [], 0
+    for layout in ctx.layouts:
+        if layout is None:
+            items.append(tensors[i])
+            i += 1
+        else:
+            items.append(nvfp4.NVFP4Tensor(tensors[i], tensors[i + 1], tensors[i + 2], *layout))
+            i += 3
+    return items
+
+
+def _round(acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """An FP32 result rounded once to the compute dtype (the GEMM epilogue without alpha or bias)."""
+    return gemm.finish(acc, None, dtype)
+
+
+def _bias_grad(dy: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The bias gradient: an FP32 sum of dY over ``dims``, rounded to the compute dtype (without an FP32 copy of dY
+    on the fast path)."""
+    if gemm.fast_path(dy):
+        return _round(dy.sum(dims, dtype=torch.float32), dtype)
+    return dy.to(torch.float32).sum(dims).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------------------------------
 class _QuantLinearFunction(torch.autograd.Function):
+    """What the forward saves per backward mode (no operand is quantized twice):
+
+    * ``full``: X in the compute dtype (wgrad quantizes X^T along tokens, a different blocking) and, for the dgrad
+      W^T, the forward's quantized W when the 16x16 tiles make it reusable (else the weight parameter);
+    * ``dequantized``: the forward's quantized X and W (NVFP4: packed codes, 0.56 bytes per element instead of 2 for
+      dequantized BF16 copies), decoded to the compute dtype in the backward;
+    * ``high_precision``: X in the compute dtype and the weight parameter (cast in the backward).
+    Unquantized roles save their input. ``seeds``: the call's SR Philox counters on the kernel path (``sr_seeds``).
+    """
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, dtype: torch.dtype,
-                track: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seeds: Tensor | None, q: LayerQuantizer,
+                dtype: torch.dtype, track: bool) -> Tensor:
         with _autocast_off(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [M, K]
             xq = q.operand("fprop_input", x2, dtype)
             wq = q.operand("fprop_weight", weight, dtype)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
-            if not track:
-                saved_x = saved_w = None
-            elif q.backward == "full":
-                saved_x, saved_w = x2, weight
-            elif q.backward == "dequantized":
-                saved_x, saved_w = gemm.dense(xq, dtype), gemm.dense(wq, dtype)
-            else:
-                saved_x, saved_w = x2, weight.to(dtype)
-        ctx.save_for_backward(saved_x, saved_w)
+        if not track:
+            _save(ctx)
+        elif q.backward == "full":
+            _save(ctx, x2, q.kept_for_dgrad(wq, weight), seeds)
+        elif q.backward == "dequantized":
+            _save(ctx, xq if "input" in q.roles else x2, wq if "weight" in q.roles else weight)
+        else:
+            _save(ctx, x2, weight)
         ctx.q, ctx.dtype, ctx.x_shape, ctx.has_bias = q, dtype, x.shape, bias is not None
         return y  # [M, N]; reshaped outside: a view created inside a Function could not be modified in place
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        saved_x, saved_w = ctx.saved_tensors  # [M, K], [N, K]
         q, dtype = ctx.q, ctx.dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         with _autocast_off(grad_out):
             dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # [M, N]
-            full = q.backward == "full"
+            if q.backward == "full":
+                saved_x, kept_w, seeds = _saved(ctx)  # [M, K]; quantized W [N, K] or the weight
+                if need_x:
+                    a = q.operand("dgrad_grad", dy, dtype, seed=_seed(seeds, 0))
+                    grad_x = gemm.mm(a, q.dgrad_weight(kept_w, _same, torch.t, dtype), dtype)  # [M, K]
+                if need_w:
+                    a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype, _seed(seeds, 1))  # [N, M], [K, M]
+                    grad_w = gemm.mm(a, b, dtype)  # [N, K]
+            else:
+                saved_x, saved_w = _saved(ctx)
+                # dequantized: the forward's operands decoded (unquantized roles: as they are); else X and W
+                x_hat = gemm.dense(saved_x, dtype).to(dtype)  # [M, K]
+                w_hat = gemm.dense(saved_w, dtype).to(dtype)  # [N, K]
+                if need_x:
+                    grad_x = gemm.mm(dy, w_hat.t(), dtype)  # [M, K]
+                if need_w:
+                    grad_w = gemm.mm(dy.t(), x_hat.t(), dtype)  # [N, K]
             if need_x:
-                a = q.operand("dgrad_grad", dy, dtype) if full else dy
-                b = q.dgrad_weight(saved_w, torch.t, dtype) if full else saved_w.t()  # [K, N]
-                grad_x = gemm.mm(a, b, dtype).reshape(ctx.x_shape)
-            if need_w:
-                if full:
-                    a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype)  # [N, M], [K, M]
-                else:
-                    a, b = dy.t(), saved_x.t()
-                grad_w = gemm.mm(a, b, dtype)  # [N, K]
+                grad_x = grad_x.reshape(ctx.x_shape)
             if need_b and ctx.has_bias:
-                grad_b = dy.to(torch.float32).sum(0).to(dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+                grad_b = _bias_grad(dy, (0,), dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def _tracks(*tensors: Tensor | None) -> bool:
@@ -282,7 +450,9 @@ def _tracks(*tensors: Tensor | None) -> bool:
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer) -> Tensor:
     """``F.linear(x, weight, bias)`` with the three GEMMs quantized by ``q``: x [..., K], weight [N, K] -> [..., N]."""
-    y = _QuantLinearFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), _tracks(x, weight, bias))  # [M, N]
+    track = _tracks(x, weight, bias)
+    seeds = q.sr_seeds(x, track)
+    y = _QuantLinearFunction.apply(x, weight, bias, seeds, q, q.compute_dtype(x, weight), track)  # [M, N]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -291,7 +461,11 @@ def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantiz
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConvGeometry:
-    """What ``aten.convolution`` needs besides the tensors (groups is always 1 for quantized convolutions)."""
+    """What ``aten.convolution`` needs besides the tensors (groups is always 1 for quantized convolutions).
+
+    The three contractions take float32 tensors and return float32 sums; on the fast path (``gemm.fast_path``) they
+    run on cuDNN with TF32 switched on for the call (``quant.kernels.ops.cudnn_tf32``), which reads the emulation's
+    BF16-representable operands exactly."""
 
     transposed: bool
     stride: tuple[int, int]
@@ -299,12 +473,19 @@ class ConvGeometry:
     dilation: tuple[int, int]
     output_padding: tuple[int, int] = (0, 0)
 
+    def _args(self) -> tuple[list[int], list[int], list[int], bool, list[int]]:
+        return list(self.stride), list(self.padding), list(self.dilation), self.transposed, list(self.output_padding)
+
     def convolution(self, x: Tensor, weight: Tensor) -> Tensor:
+        if gemm.fast_path(x):
+            return kernels.load().tf32_convolution(x, weight, *self._args())
         return torch.ops.aten.convolution(
             x, weight, None, self.stride, self.padding, self.dilation, self.transposed, self.output_padding, 1
         )
 
     def input_grad(self, dy: Tensor, weight: Tensor, x_shape: torch.Size) -> Tensor:
+        if gemm.fast_path(dy):
+            return kernels.load().tf32_conv_input_grad(dy, weight, list(x_shape), *self._args())
         placeholder = dy.new_zeros(()).expand(x_shape)
         return torch.ops.aten.convolution_backward(
             dy, placeholder, weight, None, self.stride, self.padding, self.dilation, self.transposed,
@@ -312,6 +493,8 @@ class ConvGeometry:
         )[0]
 
     def weight_grad(self, dy: Tensor, x: Tensor, w_shape: torch.Size) -> Tensor:
+        if gemm.fast_path(dy):
+            return kernels.load().tf32_conv_weight_grad(dy, x, list(w_shape), *self._args())
         placeholder = dy.new_zeros(()).expand(w_shape)
         return torch.ops.aten.convolution_backward(
             dy, x, placeholder, None, self.stride, self.padding, self.dilation, self.transposed,
@@ -366,100 +549,119 @@ def _from_dgrad_matrix(m: Tensor, oi_shape: torch.Size) -> Tensor:
 class _QuantConvFunction(torch.autograd.Function):
     """Conv2d / ConvTranspose2d. Internally the weight is held as w_oi [Co, Ci, kh, kw] (Co = GEMM output channels,
     Ci = reduction channels of fprop): the module weight itself for Conv2d, its transpose(0, 1) for ConvTranspose2d.
+    Saved per backward mode as in ``_QuantLinearFunction``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, dtype: torch.dtype,
-                geo: ConvGeometry, track: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seeds: Tensor | None, q: LayerQuantizer,
+                dtype: torch.dtype, geo: ConvGeometry, track: bool) -> Tensor:
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
-            w_oi = weight.transpose(0, 1) if geo.transposed else weight  # [Co, Ci, kh, kw]
+            w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
             xq = q.operand("fprop_input", _pixels(x_c), dtype)  # [N*H*W, Ci]
             wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype)  # [Co, kh*kw*Ci]
             x32, w32, alpha = gemm.prepare(xq, wq, dtype)
             w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)
             acc = geo.convolution(_unpixels(x32, x_c.shape), w_mod)
-            bias4 = None if bias is None else bias.to(dtype).view(1, -1, 1, 1)
-            y = gemm.finish(acc, alpha, dtype, bias4)  # [N, Co, OH, OW]
-            if not track:
-                saved_x = saved_w = None
-            elif q.backward == "full":
-                saved_x, saved_w = x_c, weight
-            elif q.backward == "dequantized":
-                saved_x = _unpixels(gemm.dense(xq, dtype), x_c.shape)
-                saved_w = _module_weight(conv_weight_from_matrix(gemm.dense(wq, dtype), w_oi.shape), geo)
-            else:
-                saved_x, saved_w = x_c, weight.to(dtype)
-        ctx.save_for_backward(saved_x, saved_w)
+            y = gemm.finish(acc, alpha, dtype, None if bias is None else bias.to(dtype), bias_dim=1)  # [N, Co, OH, OW]
+        if not track:
+            _save(ctx)
+        elif q.backward == "full":
+            _save(ctx, x_c, q.kept_for_dgrad(wq, weight), seeds)
+        elif q.backward == "dequantized":
+            _save(ctx, xq if "input" in q.roles else x_c, wq if "weight" in q.roles else weight)
+        else:
+            _save(ctx, x_c, weight)
         ctx.q, ctx.dtype, ctx.geo, ctx.has_bias = q, dtype, geo, bias is not None
+        ctx.x_shape, ctx.w_shape, ctx.w_oi_shape = x_c.shape, weight.shape, w_oi.shape
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        saved_x, saved_w = ctx.saved_tensors  # x [N, Ci, H, W]; module-layout weight
         q, dtype, geo = ctx.q, ctx.dtype, ctx.geo
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         with _autocast_off(grad_out):
             dy = grad_out.to(dtype)  # [N, Co, OH, OW]
-            if q.backward != "full":
+            if q.backward == "full":
+                saved_x, kept_w, seeds = _saved(ctx)  # x [N, Ci, H, W]; quantized W [Co, kh*kw*Ci] or the weight
+                if need_x:
+                    grad_x = _full_dgrad(q, dy, kept_w, ctx, geo, _seed(seeds, 0))
+                if need_w:
+                    grad_w = _full_wgrad(q, dy, saved_x, ctx.w_shape, dtype, geo, _seed(seeds, 1))
+            else:
+                saved_x, saved_w = _saved(ctx)
+                x_val, w_val = _forward_values(q, saved_x, saved_w, ctx, geo)
                 dy32 = dy.to(torch.float32)
                 if need_x:
-                    grad_x = geo.input_grad(dy32, saved_w.to(torch.float32), saved_x.shape).to(dtype)
+                    grad_x = _round(geo.input_grad(dy32, w_val.to(torch.float32), ctx.x_shape), dtype)
                 if need_w:
-                    grad_w = geo.weight_grad(dy32, saved_x.to(torch.float32), saved_w.shape).to(dtype)
-            else:
-                if need_x:
-                    grad_x = _full_dgrad(q, dy, saved_w, saved_x.shape, dtype, geo)
-                if need_w:
-                    grad_w = _full_wgrad(q, dy, saved_x, saved_w.shape, dtype, geo)
+                    grad_w = _round(geo.weight_grad(dy32, x_val.to(torch.float32), ctx.w_shape), dtype)
             if need_b and ctx.has_bias:
-                grad_b = dy.to(torch.float32).sum((0, 2, 3)).to(dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+                grad_b = _bias_grad(dy, (0, 2, 3), dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _w_oi(weight: Tensor, geo: ConvGeometry) -> Tensor:
+    """The module weight as [Co, Ci, kh, kw] (Co = GEMM output channels)."""
+    return weight.transpose(0, 1) if geo.transposed else weight
 
 
 def _module_weight(w_oi: Tensor, geo: ConvGeometry) -> Tensor:
     return w_oi.transpose(0, 1) if geo.transposed else w_oi
 
 
-def _full_dgrad(q: LayerQuantizer, dy: Tensor, weight: Tensor, x_shape: torch.Size, dtype: torch.dtype,
-                geo: ConvGeometry) -> Tensor:
+def _forward_values(q: LayerQuantizer, saved_x: Operand | Tensor, saved_w: Operand | Tensor, ctx,
+                    geo: ConvGeometry) -> tuple[Tensor, Tensor]:
+    """X [N, Ci, H, W] and the module-layout weight as the non-``full`` backward multiplies them: the forward's
+    operands dequantized (``dequantized``; an unquantized role's operand rebuilt as the forward built it), or X and W
+    in the compute dtype (``high_precision``)."""
+    dtype = ctx.dtype
+    if q.backward != "dequantized":
+        return saved_x, saved_w.to(dtype)
+    xq = saved_x if "input" in q.roles else q.operand("fprop_input", _pixels(saved_x), dtype)
+    wq = saved_w if "weight" in q.roles else q.operand("fprop_weight", conv_weight_matrix(_w_oi(saved_w, geo)), dtype)
+    x_val = _unpixels(gemm.dense(xq, dtype), ctx.x_shape)
+    w_val = _module_weight(conv_weight_from_matrix(gemm.dense(wq, dtype), ctx.w_oi_shape), geo)
+    return x_val, w_val
+
+
+def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
+                seed: Tensor | None) -> Tensor:
     """dX with dY quantized per output pixel along Co and W^T along Co per tap ([Ci, kh*kw*Co])."""
-    w_oi = weight.transpose(0, 1) if geo.transposed else weight  # [Co, Ci, kh, kw]
-    dyq = q.operand("dgrad_grad", _pixels(dy), dtype)  # [N*OH*OW, Co]
-    to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi.shape))  # noqa: E731
-    wq = q.dgrad_weight(conv_weight_matrix(w_oi), to_dgrad, dtype)  # [Ci, kh*kw*Co]
+    dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
+    dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed)  # [N*OH*OW, Co]
+    to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
+    fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
+    wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype)  # [Ci, kh*kw*Co]
     dy32, w32, alpha = gemm.prepare(dyq, wq, dtype)
-    w_mod = _module_weight(_from_dgrad_matrix(w32, w_oi.shape), geo)
-    return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, x_shape), alpha, dtype)
+    w_mod = _module_weight(_from_dgrad_matrix(w32, w_oi_shape), geo)
+    return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)
 
 
 def _full_wgrad(q: LayerQuantizer, dy: Tensor, x: Tensor, w_shape: torch.Size, dtype: torch.dtype,
-                geo: ConvGeometry) -> Tensor:
+                geo: ConvGeometry, seed: Tensor | None) -> Tensor:
     """dW as a GEMM over tokens: Conv2d tokens = output pixels, ConvTranspose2d tokens = input pixels."""
     kernel = (w_shape[2], w_shape[3])
     if not geo.transposed:
         grad_t = _pixels(dy).t()  # [Co, T]
         input_t = geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
-        a, b = _wgrad_pair(q, grad_t, input_t, dtype)
-        a32, b32, alpha = gemm.prepare(a, b, dtype)
-        dw = conv_weight_from_matrix(a32 @ b32.t(), (w_shape[0], w_shape[1], *kernel))  # [Co, Ci, kh, kw]
-        return gemm.finish(dw, alpha, dtype)
+        a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed)
+        return conv_weight_from_matrix(gemm.mm(a, b, dtype), (w_shape[0], w_shape[1], *kernel))  # [Co, Ci, kh, kw]
     grad_t = geo.unfold(dy, kernel, (x.shape[2], x.shape[3]))  # [kh*kw*Co, T], T = input pixels
     input_t = _pixels(x).t()  # [Ci, T]
-    a, b = _wgrad_pair(q, grad_t, input_t, dtype)
-    a32, b32, alpha = gemm.prepare(a, b, dtype)
+    a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed)
     ci, co = w_shape[0], w_shape[1]
-    dw_oi = _from_dgrad_matrix(b32 @ a32.t(), (co, ci, *kernel))  # [Ci, kh*kw*Co] -> [Co, Ci, kh, kw]
-    return gemm.finish(dw_oi.transpose(0, 1), alpha, dtype)  # module layout [Ci, Co, kh, kw]
+    dw_oi = _from_dgrad_matrix(gemm.mm(b, a, dtype), (co, ci, *kernel))  # [Ci, kh*kw*Co] -> [Co, Ci, kh, kw]
+    return dw_oi.transpose(0, 1)  # module layout [Ci, Co, kh, kw]
 
 
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     """``F.conv2d`` (zero padding, groups 1) with quantized GEMMs: x [N, Ci, H, W], weight [Co, Ci, kh, kw]."""
     geo = ConvGeometry(False, tuple(stride), tuple(padding), tuple(dilation))
-    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo, _tracks(x, weight, bias))
+    return _apply_conv(x, weight, bias, q, geo)
 
 
 def quant_conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer,
@@ -467,4 +669,10 @@ def quant_conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: La
                            dilation: tuple[int, int]) -> Tensor:
     """``F.conv_transpose2d`` (groups 1) with quantized GEMMs: x [N, Ci, H, W], weight [Ci, Co, kh, kw]."""
     geo = ConvGeometry(True, tuple(stride), tuple(padding), tuple(dilation), tuple(output_padding))
-    return _QuantConvFunction.apply(x, weight, bias, q, q.compute_dtype(x, weight), geo, _tracks(x, weight, bias))
+    return _apply_conv(x, weight, bias, q, geo)
+
+
+def _apply_conv(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, geo: ConvGeometry) -> Tensor:
+    track = _tracks(x, weight, bias)
+    seeds = q.sr_seeds(x, track)
+    return _QuantConvFunction.apply(x, weight, bias, seeds, q, q.compute_dtype(x, weight), geo, track)

@@ -1,75 +1,183 @@
 """The emulated GEMM of the QAT layers: TE's NVFP4 GEMM via the scaled-codes trick (SPEC 1.8), or a plain one.
 
-Why a separate module: every quantized layer (linear, conv, transposed conv, and later the Triton kernels) must run
-its three GEMMs with the same arithmetic, so the rule "when is the result exactly TE's" lives once, here.
+Why a separate module: every quantized layer (linear, conv, transposed conv) must run its three GEMMs with the same
+arithmetic, so the rule "when is the result exactly TE's" lives once, here.
 
-An operand is either an ``nvfp4.NVFP4Tensor`` (codes + E4M3 block scales + FP32 amax) or an ordinary tensor (high
-precision, or fake-quantized values of another format). ``prepare`` turns a pair of operands into float32 matrices
-and an optional per-tensor factor; the caller contracts them with any float32 op (``mm``, ``conv2d``,
-``conv_transpose2d``), and ``finish`` applies the factor, adds the bias and rounds once to the output dtype:
+An operand is an ``nvfp4.NVFP4Tensor`` (codes + E4M3 block scales + FP32 amax), a ``Relaid`` NVFP4 tensor (the same
+codes used in another GEMM's layout, e.g. the forward's 16x16-tiled W as the dgrad operand W^T), or an ordinary tensor
+(high precision, or fake-quantized values of another format). The arithmetic, for every device:
 
-* both NVFP4: the operands are the *scaled codes* ``e2m1(q) * s_b`` (at most 6 significant bits, exact in float32),
-  their products are exact (at most 12 bits), the float32 contraction accumulates in FP32 as cuBLASLt does, and the
+* both NVFP4: the operands are the *scaled codes* ``e2m1(q) * s_b`` (at most 6 significant bits, exact in BF16 and
+  FP32), their products are exact (at most 12 bits), the contraction accumulates in FP32 as cuBLASLt does, and the
   result is multiplied by TE's ``alpha = fp32(fp32(A_a * A_b) / (6*6*448*448))`` (``nvfp4.gemm_alpha``). This equals
   the Blackwell block-scaled MMA up to the FP32 summation order, and equals it bit for bit whenever the FP32
-  accumulation is exact (tests build such cases). TF32 does not spoil it: scaled codes fit in TF32's 10-bit mantissa.
+  accumulation is exact (tests build such cases).
 * otherwise (one operand high precision, or another format): each NVFP4 operand is dequantized with TE's formula to
-  the compute dtype (what TE's ``backward_override="dequantized"`` multiplies), then everything is contracted in
-  float32 and rounded once, which models a BF16 GEMM with FP32 accumulation.
+  the compute dtype (what TE's ``backward_override="dequantized"`` multiplies), and the contraction accumulates the
+  exact products in FP32, which models a BF16 GEMM with FP32 accumulation.
+* epilogue (``finish``): ``out_dtype(fp32(fp32(acc * alpha) + bias))``: the FP32 accumulator times alpha, plus the
+  bias (in the compute dtype, widened exactly), rounded once (cuBLASLt's epilogue order).
+
+Two implementations of that arithmetic, selected per call by the device of the operands:
+
+* reference (CPU, or CUDA with ``quant.kernels`` disabled): ``prepare`` materialises float32 matrices and the caller
+  contracts them with any float32 op (``a @ b``, ``conv2d``); ``finish`` is three PyTorch ops. The CPU tests compare
+  this path bit for bit with float64 references.
+* fast (``fast_path``: CUDA with the Triton kernels): no dtype round trips. Scaled codes come out of the decode kernel
+  in BF16, dequantized operands stay in the compute dtype, and BF16 (or FP16) operands go straight into a tensor-core
+  GEMM with an FP32 output (``torch.mm(..., out_dtype=float32)``: the same exact products and FP32 accumulation as the
+  float32 matmul); the epilogue is one fused pass (``quant.kernels.epilogue``, a custom op under torch.compile, so
+  Inductor can neither contract ``acc * alpha + bias`` into an FMA nor elide the final rounding). Convolutions take
+  float32 operands and run on cuDNN with TF32 switched on locally (``kernels.ops.cudnn_tf32``): TF32 reads
+  BF16-representable values exactly, so this is the FP32 convolution's arithmetic at tensor-core speed. The two paths
+  differ only in the FP32 summation order chosen by the BLAS / convolution library.
 
 The output dtype is the compute dtype (BF16 under bf16 autocast, FP32 in 32-true runs); TE's FP4 GEMM has no FP16
-output, so NVFP4 layers never compute in FP16 (checked by ``quant.functional``).
+output, so NVFP4 layers never compute in FP16 (checked by ``quant.functional``). FP32 operands (32-true runs) are
+contracted by an FP32 GEMM, which follows ``torch.backends.cuda.matmul.allow_tf32`` (off by default) on CUDA.
 """
 from __future__ import annotations
 
-from typing import Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
-from quant import nvfp4
+from quant import kernels, nvfp4
 
-Operand = Union[Tensor, nvfp4.NVFP4Tensor]
+
+@dataclass(frozen=True, eq=False)
+class Relaid:
+    """An NVFP4 tensor used as the operand of another GEMM, in that GEMM's 2-D layout, without requantizing.
+
+    Valid when every scale block of ``source`` is also a scale block of the new layout: the 16x16 weight tiles, which
+    cover the same 16x16 elements whether W or W^T (or, for a convolution, one tap's [Co, Ci] or [Ci, Co]) is blocked,
+    so the codes, scales and amax are those TE's columnwise quantization produces (SPEC 1.4)."""
+
+    source: nvfp4.NVFP4Tensor
+    layout: Callable[[Tensor], Tensor]  # source's [rows, cols] values -> this GEMM's 2-D operand (a view)
+
+    @property
+    def amax(self) -> Tensor:
+        return self.source.amax
+
+
+Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid]
 
 
 def is_nvfp4(operand: Operand) -> bool:
-    return isinstance(operand, nvfp4.NVFP4Tensor)
+    return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid))
+
+
+def fast_path(t: Tensor) -> bool:
+    """Does ``t``'s device run the fast implementation (CUDA with the Triton kernels)? (Else the reference.)"""
+    return kernels.enabled_for(t)
+
+
+def _device_tensor(operand: Operand) -> Tensor:
+    if isinstance(operand, Relaid):
+        return operand.source.codes
+    return operand.codes if isinstance(operand, nvfp4.NVFP4Tensor) else operand
+
+
+def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid, dtype: torch.dtype, materialize: bool) -> Tensor:
+    if isinstance(operand, nvfp4.NVFP4Tensor):
+        return nvfp4.scaled_codes(operand, dtype)
+    values = operand.layout(nvfp4.scaled_codes(operand.source, dtype))
+    return values.contiguous() if materialize else values
 
 
 def prepare(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
     """float32 2-D matrices for the contraction of a and b, plus the factor ``finish`` applies (None: no factor).
 
     NVFP4 operands come back as [rows, cols] of their 2-D layout (``NVFP4Tensor.shape`` flattened to [-1, K]);
-    tensors come back as they are, in float32.
+    tensors come back as they are, in float32. On the reference path a ``Relaid`` operand is materialised contiguous
+    (the layout the requantized operand had), so the float32 contraction sees the same memory layout as before reuse.
     """
+    materialize = not fast_path(_device_tensor(a))
     if is_nvfp4(a) and is_nvfp4(b):
         alpha = nvfp4.gemm_alpha(a.amax, b.amax)
-        return nvfp4.scaled_codes(a, torch.float32), nvfp4.scaled_codes(b, torch.float32), alpha
+        return _scaled_codes(a, torch.float32, materialize), _scaled_codes(b, torch.float32, materialize), alpha
     return dense(a, compute_dtype).to(torch.float32), dense(b, compute_dtype).to(torch.float32), None
 
 
 def dense(operand: Operand, compute_dtype: torch.dtype) -> Tensor:
-    """The operand's values as a 2-D tensor: NVFP4 dequantized with TE's formula to ``compute_dtype``, tensors as is."""
-    if is_nvfp4(operand):
-        return nvfp4.dequantize(operand, dtype=compute_dtype).reshape(-1, operand.shape[-1])
+    """The operand's values as a 2-D tensor: NVFP4 dequantized with TE's formula to ``compute_dtype``, tensors as is.
+
+    An NVFP4 operand's values come back as the decode's own output (2-D already, no reshape view): autograd
+    Functions under torch.compile cannot save views of intermediates."""
+    if isinstance(operand, Relaid):
+        values = operand.layout(dense(operand.source, compute_dtype))
+        return values if fast_path(values) else values.contiguous()
+    if isinstance(operand, nvfp4.NVFP4Tensor):
+        values = nvfp4.dequantize(operand, dtype=compute_dtype)
+        return values if values.dim() == 2 else values.reshape(-1, operand.shape[-1])
     return operand
 
 
-def finish(acc: Tensor, alpha: Tensor | None, out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
+def finish(acc: Tensor, alpha: Tensor | None, out_dtype: torch.dtype, bias: Tensor | None = None,
+           bias_dim: int = -1) -> Tensor:
     """Epilogue: ``out_dtype(acc * alpha + bias)`` in float32 with one final rounding (cuBLASLt's epilogue order).
 
-    acc: float32 accumulator (any shape); bias: broadcastable to acc (already in its final layout), or None.
-    """
+    acc: float32 accumulator (any shape); bias: 1-D along ``acc``'s dim ``bias_dim`` (the output features or
+    channels), or None."""
+    if fast_path(acc):
+        if alpha is None and bias is None and out_dtype == torch.float32:
+            return acc
+        if not _is_dense(acc):
+            acc = acc.contiguous()
+        return kernels.load().gemm_epilogue(acc, alpha, bias, bias_dim % acc.dim(), out_dtype)
     out = acc if alpha is None else acc * alpha
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        shape = [-1 if dim == bias_dim % acc.dim() else 1 for dim in range(acc.dim())]
+        out = out + bias.to(torch.float32).view(shape)
     return out.to(out_dtype)
 
 
 def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
     """The TN GEMM ``a [M, K] @ b [N, K]^T -> [M, N]`` in ``out_dtype`` (bias [N] added in the epilogue)."""
+    if fast_path(_device_tensor(a)):
+        a2, b2, alpha = _gemm_operands(a, b, out_dtype)
+        return finish(_contract_fast(a2, b2.t()), alpha, out_dtype, bias)
     a32, b32, alpha = prepare(a, b, out_dtype)
     return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
+
+
+def _gemm_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The fast path's GEMM operands: BF16 scaled codes (exact, SPEC 1.8), or the values in their own dtype."""
+    if is_nvfp4(a) and is_nvfp4(b):
+        alpha = nvfp4.gemm_alpha(a.amax, b.amax)
+        return _scaled_codes(a, torch.bfloat16, False), _scaled_codes(b, torch.bfloat16, False), alpha
+    return dense(a, compute_dtype), dense(b, compute_dtype), None
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _contract_fast(a: Tensor, b: Tensor) -> Tensor:
+    """``a [M, K] @ b [K, N]`` -> float32 with exact products and FP32 accumulation, any strides.
+
+    BF16 x BF16 or FP16 x FP16: a tensor-core GEMM with an FP32 output (the products of two 8- or 11-bit
+    significands are exact in FP32); anything else in float32."""
+    if a.dtype == b.dtype and a.dtype in _LOW_PRECISION:
+        return gemm_fp32_out(a, b)
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def gemm_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.mm(a, b, out_dtype=float32)`` (CUDA only; CPU tests of the fast path replace this function)."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill a contiguous block in some dim order (the epilogue's flat walk)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _exact_in_bf16(a: Operand, b: Operand, compute_dtype: torch.dtype) -> bool:
@@ -85,11 +193,11 @@ def _exact_in_bf16(a: Operand, b: Operand, compute_dtype: torch.dtype) -> bool:
 
 
 def _contract(a32: Tensor, b32: Tensor, exact_in_bf16: bool) -> Tensor:
-    """``a32 [M, K] @ b32 [K, N]`` with FP32 accumulation and an FP32 result.
+    """The reference contraction ``a32 [M, K] @ b32 [K, N]`` with FP32 accumulation and an FP32 result.
 
-    On CUDA, operands whose values are exact in BF16 go through a BF16 tensor-core GEMM with an FP32 output
-    (``torch.mm(..., out_dtype=float32)``): the same products and the same FP32 accumulation as the float32 matmul,
-    about 2x the speed of TF32 and 10x that of an FP32 GEMM on Hopper. Elsewhere the float32 matmul runs.
+    On CUDA (kernels disabled), operands whose values are exact in BF16 go through a BF16 tensor-core GEMM with an
+    FP32 output: the same products and the same FP32 accumulation as the float32 matmul. Elsewhere the float32 matmul
+    runs.
     """
     if exact_in_bf16 and a32.is_cuda:
         return torch.mm(a32.to(torch.bfloat16), b32.to(torch.bfloat16), out_dtype=torch.float32)

@@ -227,7 +227,8 @@ class PackedQuantizer(LayerQuantizer):
     def weight_buffers(self) -> dict[str, Tensor]:
         return {key: self._module_buffers[key] for key in self.codec.expected(self.spec)}
 
-    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False) -> Operand:
+    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False,
+                seed: Tensor | None = None) -> Operand:
         if slot == "fprop_weight":
             buffers = self.weight_buffers()
             for key in ("amax", "absmax_scales", "absmax_offset"):

@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from quant import distributed, fp8, int4, mxfp4, nf4, nvfp4
+from quant import distributed, fp8, int4, kernels, mxfp4, nf4, nvfp4
 from quant.errors import QuantError
+from quant.kernels.checks import OwnedName
 from quant.gemm import Operand
 from quant.recipe import Recipe
 
@@ -51,10 +52,11 @@ class SlotRequest:
     """One operand to quantize: its slot, its name for error messages, and the per-call randomness/transform."""
 
     slot: str
-    name: str  # e.g. "layers.0.mlp.fc1 output gradient (wgrad)"
+    name: str | OwnedName  # e.g. "layers.0.mlp.fc1 output gradient (wgrad)", resolved only in error messages
     rht: bool = False  # apply the RHT along the last dim (NVFP4 wgrad operands only)
-    generator: torch.Generator | None = None  # stochastic rounding stream (grad slots)
+    generator: torch.Generator | None = None  # stochastic rounding stream (grad slots, reference path)
     amax_reduce: distributed.AmaxReducer | None = None  # global-amax reduction across ranks (per_tensor_amax formats)
+    seed: Tensor | None = None  # SR Philox (key, counter), int64 [2], instead of ``generator`` (kernel path)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,16 @@ class LayerFormat:
     def rht_applies(self, recipe: Recipe) -> bool:
         return False
 
+    def uses_sr(self, recipe: Recipe) -> bool:
+        """Does the grad role draw random bits (stochastic rounding)?"""
+        return False
+
+    def dgrad_weight_is_fprop_weight(self, recipe: Recipe) -> bool:
+        """Is the dgrad GEMM's W^T operand the forward's quantized W in another layout (so the backward reuses it
+        instead of quantizing W^T)? Weight-storage formats by definition; NVFP4 with 16x16 tiles because a tile
+        blocks the same elements in both layouts (SPEC 1.4)."""
+        return self.dgrad_weight_from_fprop
+
 
 @dataclass(frozen=True)
 class NVFP4Layer(LayerFormat):
@@ -127,6 +139,9 @@ class NVFP4Layer(LayerFormat):
         role = SLOT_ROLE[request.slot]
         tile = recipe.weight_tile if role == "weight" else (1, nvfp4.BLOCK)
         stochastic = role == "grad" and recipe.stochastic_rounding
+        if request.seed is not None:  # kernel path, SR from the layer's own Philox counter (torch.compile-friendly)
+            return kernels.load().nvfp4_quantize(x, tile=tile, rht=request.rht, stochastic=stochastic,
+                                                 name=request.name, seed=request.seed)
         return nvfp4.quantize(
             x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name,
             amax_reduce=request.amax_reduce,
@@ -134,6 +149,12 @@ class NVFP4Layer(LayerFormat):
 
     def rht_applies(self, recipe: Recipe) -> bool:
         return recipe.rht
+
+    def uses_sr(self, recipe: Recipe) -> bool:
+        return recipe.stochastic_rounding
+
+    def dgrad_weight_is_fprop_weight(self, recipe: Recipe) -> bool:
+        return recipe.weight_tile == (nvfp4.BLOCK, nvfp4.BLOCK)
 
     def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
         if role == "weight":

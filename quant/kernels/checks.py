@@ -15,6 +15,12 @@ operands, and every synchronisation drains the launch queue, so the kernel path 
 ``raise_pending()`` synchronises and checks everything launched so far (tests, end of a run, ``bench/``). The
 environment variable ``FP4LAB_SYNC_CHECKS=1`` (or ``set_synchronous(True)``) checks after each tensor, as the
 reference does. CPU tensors (the Triton interpreter) are always checked immediately.
+
+Names under torch.compile: a layer's name is a Python string that differs per layer; if traced code read it, Dynamo
+would guard on its value and compile every layer again. A layer therefore registers its name once
+(``register_owner``) and hands the kernels an ``OwnedName``: a handle tensor (a graph input, never guarded on) plus
+the operand's words, which are the same for every layer ("output gradient (wgrad)"). The name string is built only
+when an error is raised.
 """
 from __future__ import annotations
 
@@ -31,12 +37,46 @@ _HISTORY = 1 << 16  # tickets whose names are remembered (a poisoned ticket olde
 _synchronous = os.environ.get("FP4LAB_SYNC_CHECKS", "0") == "1"
 
 
+_owners: dict[int, str] = {}  # handle -> layer name (register_owner)
+
+
+def register_owner(name: str) -> Tensor:
+    """A handle for ``name`` (int64 CPU tensor [1]) that ``OwnedName`` carries instead of the string."""
+    handle = len(_owners)
+    _owners[handle] = name
+    return torch.tensor([handle], dtype=torch.int64)
+
+
+def owner_name(handle: Tensor) -> str:
+    return _owners.get(int(handle.reshape(-1)[0]), "<unregistered layer>")
+
+
+@dataclass(frozen=True)
+class OwnedName:
+    """The name of one operand of a registered layer, e.g. "layers.0.mlp.fc1" + "output gradient (wgrad)"; it
+    becomes a string (``str``) only in error messages, so compiled code never reads the layer's name."""
+
+    owner: Tensor  # int64 CPU tensor [1] from register_owner
+    words: str  # what the operand is; the same for every layer
+
+    def __str__(self) -> str:
+        return f"{owner_name(self.owner)} {self.words}"
+
+
+def split_name(name: object) -> tuple[str, Tensor | None]:
+    """(words, owner handle) of an ``OwnedName``; (the name as given or "", None) for a plain string or None."""
+    if isinstance(name, OwnedName):
+        return name.words, name.owner
+    return name or "", None
+
+
 @dataclass
 class _DeviceFlag:
     flag: Tensor  # int64 [1] on the device: smallest poisoned ticket, or CLEAR
     host: Tensor  # pinned int64 [1]: the last copy of ``flag``
     copy_done: torch.cuda.Event | None = None  # event behind the copy in flight (None: no copy in flight)
-    names: dict[int, tuple[str, str | None, str]] = field(default_factory=dict)  # ticket -> (format, name, stage)
+    # ticket -> (format, name, stage, owner handle or None)
+    names: dict[int, tuple[str, str | None, str, Tensor | None]] = field(default_factory=dict)
 
 
 _flags: dict[torch.device, _DeviceFlag] = {}
@@ -49,8 +89,10 @@ def set_synchronous(enabled: bool) -> None:
     _synchronous = bool(enabled)
 
 
-def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "") -> tuple[Tensor, int]:
-    """(the device's flag tensor, a new ticket) for one quantization; pass both to the amax kernel."""
+def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "", owner: Tensor | None = None
+           ) -> tuple[Tensor, int]:
+    """(the device's flag tensor, a new ticket) for one quantization; pass both to the amax kernel. ``owner``: the
+    handle of the layer whose operand ``name`` is (``register_owner``), or None when ``name`` is complete."""
     global _next_ticket
     state = _flags.get(device)
     if state is None:
@@ -60,7 +102,7 @@ def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "") ->
         _flags[device] = state
     number = _next_ticket
     _next_ticket += 1
-    state.names[number] = (fmt, name, stage)
+    state.names[number] = (fmt, name, stage, owner)
     state.names.pop(number - _HISTORY, None)
     return state.flag, number
 
@@ -97,7 +139,9 @@ def raise_pending(wait: bool = True) -> None:
 def _raise_if_poisoned(state: _DeviceFlag, value: int, late: bool) -> None:
     if value == CLEAR:
         return
-    fmt, name, stage = state.names.get(value, ("NVFP4/MXFP4", None, ""))
+    fmt, name, stage, owner = state.names.get(value, ("NVFP4/MXFP4", None, "", None))
+    if owner is not None:
+        name = str(OwnedName(owner, name or ""))
     state.flag.fill_(CLEAR)
     state.host.fill_(CLEAR)
     state.names.clear()

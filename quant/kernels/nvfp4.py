@@ -10,9 +10,10 @@ of the input after a separate global-amax reduction (the amax must be known befo
 * ``_quantize_kernel``: per tile [BM, BK] the SPEC 1.2 chain in float32, one operation at a time (same order and
   constants as ``quant.nvfp4``); writes the packed codes and E4M3 scale bytes and/or the dequantized values
   (TE's dequant formula, SPEC 1.8) in the output dtype. 16x16 tiles take the block max over 16 rows (BM % 16 == 0).
-  Stochastic rounding draws 8 bits per element from Philox (``tl.randint4x``: one call per 16-element block, keyed by
-  the block's global index and a per-call seed), so results are reproducible given the seed but are not the
-  reference's bits (SR is tested statistically, SPEC 1.7).
+  Stochastic rounding draws 8 bits per element from Philox-4x32 (one call per 16-element block: key = the 64-bit
+  seed, counter = (the block's global index, the 64-bit call counter)), so results are reproducible given (seed,
+  counter) but are not the reference's bits (SR is tested statistically, SPEC 1.7). Counter 0 is exactly
+  ``tl.randint4x(seed, block_index)``; a layer keeps one seed and advances the counter (``quant.functional``).
 * ``_decode_kernel``: packed codes + scale bytes -> dequantized values or the GEMM's scaled codes.
 
 A poisoned tensor (amax = +inf) gets scale byte 0x7F (E4M3 NaN) and NaN dequantized values, so it cannot pass
@@ -108,10 +109,20 @@ def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
     tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)  # quant.kernels.checks
 
 
+@triton.jit
+def _philox_block_bits(key, counter, block_index):
+    """Four uint32 words per element of ``block_index`` (int64): Philox-4x32-10 with the 64-bit ``key`` and the counter
+    (block_index low, high, counter low, high); with counter 0 this is ``tl.randint4x(key, block_index)``."""
+    low = block_index.to(tl.uint32)
+    zero = low * 0
+    high = (block_index >> 32).to(tl.uint32)
+    return tl.philox(key, low, high, zero + counter.to(tl.uint32), zero + (counter >> 32).to(tl.uint32))
+
+
 @triton.jit(do_not_specialize=["M"])
 def _quantize_kernel(
     x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K] (any strides); KP = K rounded up to 16
-    amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [1] SR seed (read only if STOCHASTIC)
+    amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [2] SR Philox (key, counter) (read only if STOCHASTIC)
     out_ptr,  # dequantized values [M, K] contiguous, output dtype (if WRITE_VALUES)
     codes_ptr, scales_ptr,  # uint8 [M, KP/2] packed codes, uint8 [M, KP/16] scale bytes (if WRITE_CODES)
     TILE_ROWS: tl.constexpr, RHT: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -150,7 +161,7 @@ def _quantize_kernel(
     if STOCHASTIC:
         rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         block_index = rows[:, None] * (KP // 16) + (pid_k * NB + tl.arange(0, NB))[None, :]  # [BM, NB]
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), block_index)
+        r0, r1, r2, r3 = _philox_block_bits(tl.load(seed_ptr), tl.load(seed_ptr + 1), block_index)
         words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, NB, 4))  # 16 random bytes per block
         shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
         random_bytes = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [BM, NB, 4, 4]
@@ -253,12 +264,15 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
     """One pass of SPEC 1.2 steps 2-9 over x2d [M, K] with the given global amax (float32 [1]).
 
     Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the dequantized values
-    [M, K] in ``values_dtype`` if it is not None (None for what was not asked). ``seed`` (int64 [1]) turns on SR.
+    [M, K] in ``values_dtype`` if it is not None (None for what was not asked). ``seed`` (int64 [2]: Philox key and
+    counter; or [1]: the key, counter 0) turns on SR.
     """
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
     bm, bk = tile_shape(m, kp)
     device = x2d.device
+    if seed is not None and seed.numel() == 1:  # a bare key: counter 0
+        seed = torch.cat((seed.reshape(1), seed.new_zeros(1)))
     codes = scales = values = None
     if write_codes:
         codes = torch.empty(m, kp // 2, dtype=torch.uint8, device=device)

@@ -8,13 +8,16 @@ Why a layer between ``quant.nvfp4`` / ``quant.mxfp4`` and the raw launchers:
   ``torch.compile`` treats a quantization as one opaque node instead of breaking the graph at a Triton launch, a
   generator or the NaN check. In eager mode the Python function is called directly (the custom-op dispatcher costs
   tens of microseconds per call).
-* Stochastic rounding takes its 64-bit Philox seed from the caller's ``torch.Generator`` (one draw per tensor, on the
-  device, no synchronisation); the same generator state gives the same codes.
-* The NaN/Inf check is asynchronous (``quant.kernels.checks``).
+* Stochastic rounding takes its 64-bit Philox key from the caller's ``torch.Generator`` (one draw per tensor, on the
+  device, no synchronisation; counter 0), or from a ``seed`` tensor (key, counter) that a compiled caller advances
+  itself; the same generator state or seed gives the same codes.
+* The NaN/Inf check is asynchronous (``quant.kernels.checks``); a name may be a ``checks.OwnedName`` (a layer handle
+  tensor plus constant words), so compiled graphs of different layers carry no per-layer string.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -22,7 +25,7 @@ from torch import Tensor
 from quant import mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
 from quant.errors import check_float_tensor
 from quant.kernels import checks
-from quant.kernels import mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
+from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
 
 _SEED_HIGH = 1 << 62
 NAMESPACE = "fp4lab"
@@ -34,15 +37,17 @@ def _custom_op(name: str, fn: Callable) -> torch.library.CustomOpDef:
 
 
 def _sr_seed(x: Tensor, stochastic: bool, generator: torch.Generator | None, seed: Tensor | None) -> Tensor | None:
-    """The Philox seed (int64 [1] on x's device): ``seed`` if given, else one draw from ``generator``.
+    """The Philox (key, counter) (int64 [2] on x's device): ``seed`` if given ([key] with counter 0, or [key,
+    counter]), else a key drawn from ``generator`` with counter 0.
 
     torch.compile cannot trace a ``torch.Generator`` held by a Python object (graph break), so compiled callers that
     want SR inside the graph pass a seed tensor they advance themselves."""
     if not stochastic:
         return None
-    if seed is not None:
-        return seed.reshape(1).to(device=x.device, dtype=torch.int64)
-    return torch.randint(0, _SEED_HIGH, (1,), generator=generator, dtype=torch.int64, device=x.device)
+    if seed is None:
+        seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, dtype=torch.int64, device=x.device)
+    seed = seed.reshape(-1).to(device=x.device, dtype=torch.int64)
+    return torch.cat((seed, seed.new_zeros(1))) if seed.numel() == 1 else seed
 
 
 def _check_nvfp4(x: Tensor, tile: object, rht: bool, name: str | None) -> tuple[int, int]:
@@ -64,18 +69,18 @@ def _as_2d(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # NVFP4
 # ---------------------------------------------------------------------------------------------------------------------
-def _nvfp4_amax(x2d: Tensor, rht: bool, name: str) -> Tensor:
+def _nvfp4_amax(x2d: Tensor, rht: bool, name: str, owner: Tensor | None) -> Tensor:
     stage = "after the RHT (BF16 overflow)" if rht else ""
-    flag, ticket = checks.ticket(x2d.device, nvfp4_reference.FORMAT, name or None, stage)
+    flag, ticket = checks.ticket(x2d.device, nvfp4_reference.FORMAT, name or None, stage, owner)
     amax = nvfp4_kernels.global_amax(x2d, rht, flag, ticket)
     checks.poll(x2d.device)
     return amax
 
 
-def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str
-                          ) -> tuple[Tensor, Tensor, Tensor]:
+def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str,
+                          owner: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
-    amax = _nvfp4_amax(x2d, rht, name)
+    amax = _nvfp4_amax(x2d, rht, name, owner)
     codes, scales, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, None)
     return codes, scales, amax.reshape(())
 
@@ -84,15 +89,17 @@ _nvfp4_quantize_op = _custom_op("nvfp4_quantize", _nvfp4_quantize_eager)
 
 
 @_nvfp4_quantize_op.register_fake
-def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> tuple[Tensor, Tensor, Tensor]:
+def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owner: Tensor | None = None
+      ) -> tuple[Tensor, Tensor, Tensor]:
     rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
     return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
             x.new_empty((), dtype=torch.float32))
 
 
-def _nvfp4_fake_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> Tensor:
+def _nvfp4_fake_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str,
+                               owner: Tensor | None = None) -> Tensor:
     x2d = _as_2d(x)
-    amax = _nvfp4_amax(x2d, rht, name)
+    amax = _nvfp4_amax(x2d, rht, name, owner)
     _, _, values = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, False, x.dtype)
     return values.view(x.shape)
 
@@ -101,7 +108,7 @@ _nvfp4_fake_quantize_op = _custom_op("nvfp4_fake_quantize", _nvfp4_fake_quantize
 
 
 @_nvfp4_fake_quantize_op.register_fake
-def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str) -> Tensor:
+def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owner: Tensor | None = None) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -124,25 +131,27 @@ def _call(op, eager, *args):
 
 
 def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
-                   generator: torch.Generator | None = None, name: str | None = None, seed: Tensor | None = None
-                   ) -> nvfp4_reference.NVFP4Tensor:
+                   generator: torch.Generator | None = None, name: str | checks.OwnedName | None = None,
+                   seed: Tensor | None = None) -> nvfp4_reference.NVFP4Tensor:
     """``quant.nvfp4.quantize`` on the kernels: the same ``NVFP4Tensor`` bytes (SR: same distribution; ``seed``
     replaces ``generator``, see ``_sr_seed``)."""
     tile = _check_nvfp4(x, tile, rht, name)
     seed = _sr_seed(x, stochastic, generator, seed)
-    codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x.detach(), tile[0], rht, seed,
-                                name or "")
+    words, owner = checks.split_name(name)
+    codes, scales, amax = _call(_nvfp4_quantize_op, _nvfp4_quantize_eager, x.detach(), tile[0], rht, seed, words,
+                                owner)
     return nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype,
                                        tile=tile, rht=rht, stochastic=stochastic)
 
 
 def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
-                        generator: torch.Generator | None = None, name: str | None = None, seed: Tensor | None = None
-                        ) -> Tensor:
+                        generator: torch.Generator | None = None, name: str | checks.OwnedName | None = None,
+                        seed: Tensor | None = None) -> Tensor:
     """``quant.nvfp4.fake_quantize`` in one pass after the amax reduction; output in x.dtype, x's shape."""
     tile = _check_nvfp4(x, tile, rht, name)
     seed = _sr_seed(x, stochastic, generator, seed)
-    return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x.detach(), tile[0], rht, seed, name or "")
+    words, owner = checks.split_name(name)
+    return _call(_nvfp4_fake_quantize_op, _nvfp4_fake_quantize_eager, x.detach(), tile[0], rht, seed, words, owner)
 
 
 def nvfp4_decode(q: nvfp4_reference.NVFP4Tensor, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
@@ -168,9 +177,10 @@ def nvfp4_rht(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # MXFP4
 # ---------------------------------------------------------------------------------------------------------------------
-def _mxfp4_quantize_eager(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
+def _mxfp4_quantize_eager(x: Tensor, scale_rule: str, name: str, owner: Tensor | None = None
+                          ) -> tuple[Tensor, Tensor]:
     x2d = _as_2d(x)
-    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None)
+    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None, "", owner)
     codes, scales, _ = mxfp4_kernels.quantize_2d(x2d, scale_rule, True, None, flag, ticket)
     checks.poll(x2d.device)
     return codes, scales
@@ -180,14 +190,14 @@ _mxfp4_quantize_op = _custom_op("mxfp4_quantize", _mxfp4_quantize_eager)
 
 
 @_mxfp4_quantize_op.register_fake
-def _(x: Tensor, scale_rule: str, name: str) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, scale_rule: str, name: str, owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
     rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // mxfp4_reference.BLOCK) * mxfp4_reference.BLOCK
     return x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 32, dtype=torch.uint8)
 
 
-def _mxfp4_fake_quantize_eager(x: Tensor, scale_rule: str, name: str) -> Tensor:
+def _mxfp4_fake_quantize_eager(x: Tensor, scale_rule: str, name: str, owner: Tensor | None = None) -> Tensor:
     x2d = _as_2d(x)
-    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None)
+    flag, ticket = checks.ticket(x2d.device, mxfp4_reference.FORMAT, name or None, "", owner)
     _, _, values = mxfp4_kernels.quantize_2d(x2d, scale_rule, False, x.dtype, flag, ticket)
     checks.poll(x2d.device)
     return values.view(x.shape)
@@ -197,7 +207,7 @@ _mxfp4_fake_quantize_op = _custom_op("mxfp4_fake_quantize", _mxfp4_fake_quantize
 
 
 @_mxfp4_fake_quantize_op.register_fake
-def _(x: Tensor, scale_rule: str, name: str) -> Tensor:
+def _(x: Tensor, scale_rule: str, name: str, owner: Tensor | None = None) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -213,23 +223,139 @@ def _(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
     return codes.new_empty(codes.shape[0], cols, dtype=dtype)
 
 
-def mxfp4_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> mxfp4_reference.MXFP4Tensor:
+def mxfp4_quantize(x: Tensor, scale_rule: str = "floor", name: str | checks.OwnedName | None = None
+                   ) -> mxfp4_reference.MXFP4Tensor:
     """``quant.mxfp4.quantize`` on the kernel: the same ``MXFP4Tensor`` bytes."""
     check_float_tensor(x, mxfp4_reference.FORMAT, name)
     mxfp4_reference._check_scale_rule(scale_rule, name)
-    codes, scales = _call(_mxfp4_quantize_op, _mxfp4_quantize_eager, x.detach(), scale_rule, name or "")
+    words, owner = checks.split_name(name)
+    codes, scales = _call(_mxfp4_quantize_op, _mxfp4_quantize_eager, x.detach(), scale_rule, words, owner)
     return mxfp4_reference.MXFP4Tensor(codes=codes, scales=scales, shape=x.shape, dtype=x.dtype,
                                        scale_rule=scale_rule)
 
 
-def mxfp4_fake_quantize(x: Tensor, scale_rule: str = "floor", name: str | None = None) -> Tensor:
+def mxfp4_fake_quantize(x: Tensor, scale_rule: str = "floor", name: str | checks.OwnedName | None = None) -> Tensor:
     """``quant.mxfp4.fake_quantize`` in one pass (MX needs no global amax); output in x.dtype, x's shape."""
     check_float_tensor(x, mxfp4_reference.FORMAT, name)
     mxfp4_reference._check_scale_rule(scale_rule, name)
-    return _call(_mxfp4_fake_quantize_op, _mxfp4_fake_quantize_eager, x.detach(), scale_rule, name or "")
+    words, owner = checks.split_name(name)
+    return _call(_mxfp4_fake_quantize_op, _mxfp4_fake_quantize_eager, x.detach(), scale_rule, words, owner)
 
 
 def mxfp4_dequantize(q: mxfp4_reference.MXFP4Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``quant.mxfp4.dequantize`` on the kernel."""
     values = _call(_mxfp4_decode_op, _mxfp4_decode_eager, q.codes, q.scales, q.shape[-1], dtype)
     return values.reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The QAT GEMM's epilogue and FP32-accumulating convolutions (quant.gemm, quant.functional)
+# ---------------------------------------------------------------------------------------------------------------------
+def _gemm_epilogue_eager(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int,
+                         out_dtype: torch.dtype) -> Tensor:
+    return epilogue_kernels.epilogue(acc, alpha, bias, bias_dim, out_dtype)
+
+
+_gemm_epilogue_op = _custom_op("gemm_epilogue", _gemm_epilogue_eager)
+
+
+@_gemm_epilogue_op.register_fake
+def _(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int, out_dtype: torch.dtype) -> Tensor:
+    return torch.empty_like(acc, dtype=out_dtype)
+
+
+def gemm_epilogue(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int, out_dtype: torch.dtype
+                  ) -> Tensor:
+    """``out_dtype(fp32(fp32(acc * alpha) + bias))`` in one pass (``quant.kernels.epilogue``); acc float32, dense."""
+    return _call(_gemm_epilogue_op, _gemm_epilogue_eager, acc, alpha, bias, bias_dim, out_dtype)
+
+
+@contextlib.contextmanager
+def cudnn_tf32() -> Iterator[None]:
+    """cuDNN convolutions with TF32 tensor cores inside this block, whatever the user's setting, restored after.
+
+    Why: the emulated convolutions contract BF16-representable values (scaled codes, dequantized operands, BF16 dY) in
+    FP32. TF32 keeps 10 mantissa bits, so it reads such values exactly; their products are exact in FP32 and the sums
+    accumulate in FP32: the same arithmetic as an FP32 convolution, at tensor-core speed."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the per-operation precision setting
+        previous, conv.fp32_precision = conv.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+        return
+    previous_flag, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous_flag
+
+
+def _convolution(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                 transposed: bool, output_padding: list[int]) -> Tensor:
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, transposed, output_padding, 1)
+
+
+def _convolution_eager(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                       transposed: bool, output_padding: list[int]) -> Tensor:
+    with cudnn_tf32():
+        return _convolution(x, weight, stride, padding, dilation, transposed, output_padding)
+
+
+_convolution_op = _custom_op("tf32_convolution", _convolution_eager)
+_convolution_op.register_fake(_convolution)
+
+
+def _conv_input_grad(dy: Tensor, weight: Tensor, input_shape: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    placeholder = dy.new_zeros(()).expand(input_shape)
+    return torch.ops.aten.convolution_backward(dy, placeholder, weight, None, stride, padding, dilation, transposed,
+                                               output_padding, 1, [True, False, False])[0]
+
+
+def _conv_input_grad_eager(dy: Tensor, weight: Tensor, input_shape: list[int], stride: list[int], padding: list[int],
+                           dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    with cudnn_tf32():
+        return _conv_input_grad(dy, weight, input_shape, stride, padding, dilation, transposed, output_padding)
+
+
+_conv_input_grad_op = _custom_op("tf32_conv_input_grad", _conv_input_grad_eager)
+_conv_input_grad_op.register_fake(_conv_input_grad)
+
+
+def _conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    placeholder = dy.new_zeros(()).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(dy, x, placeholder, None, stride, padding, dilation, transposed,
+                                               output_padding, 1, [False, True, False])[1]
+
+
+def _conv_weight_grad_eager(dy: Tensor, x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                            dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    with cudnn_tf32():
+        return _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, transposed, output_padding)
+
+
+_conv_weight_grad_op = _custom_op("tf32_conv_weight_grad", _conv_weight_grad_eager)
+_conv_weight_grad_op.register_fake(_conv_weight_grad)
+
+
+def tf32_convolution(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                     transposed: bool, output_padding: list[int]) -> Tensor:
+    """``aten.convolution`` (groups 1, no bias) of float32 tensors with TF32 tensor cores (``cudnn_tf32``)."""
+    return _call(_convolution_op, _convolution_eager, x, weight, stride, padding, dilation, transposed, output_padding)
+
+
+def tf32_conv_input_grad(dy: Tensor, weight: Tensor, input_shape: list[int], stride: list[int], padding: list[int],
+                         dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    """The input gradient of ``tf32_convolution`` for the output gradient ``dy`` (float32, TF32 tensor cores)."""
+    return _call(_conv_input_grad_op, _conv_input_grad_eager, dy, weight, input_shape, stride, padding, dilation,
+                 transposed, output_padding)
+
+
+def tf32_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
+                          dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    """The weight gradient of ``tf32_convolution`` for the output gradient ``dy`` (float32, TF32 tensor cores)."""
+    return _call(_conv_weight_grad_op, _conv_weight_grad_eager, dy, x, weight_shape, stride, padding, dilation,
+                 transposed, output_padding)

@@ -123,16 +123,22 @@ def bf16_round(v):
     """float32 -> the float32 value of its bfloat16 rounding (RNE, overflow to inf, NaN kept), by integer arithmetic.
 
     Used instead of ``.to(tl.bfloat16)`` because Triton's CPU interpreter truncates that cast; on the GPU both are
-    ``cvt.rn.bf16.f32``."""
+    ``cvt.rn.bf16.f32``. NaN is passed through: the integer rounding would carry the GPU's canonical NaN 0x7FFFFFFF
+    into the sign bit and return -0.0, silently turning a NaN into a finite value."""
     bits = v.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded)
 
 
 @triton.jit
 def bf16_bits(v):
-    """float32 -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output."""
+    """float32 -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output.
+
+    NaN becomes 0x7FC0, PyTorch's bfloat16 NaN (the integer rounding alone would turn the GPU's canonical NaN
+    0x7FFFFFFF into 0x8000, i.e. -0.0)."""
     bits = v.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
