@@ -66,6 +66,19 @@ class Relaid:
 Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid]
 
 
+@dataclass(frozen=True, eq=False)
+class Alpha:
+    """TE's per-GEMM factor for two NVFP4 operands, kept as their global amaxes (float32 scalars): formed by
+    ``nvfp4.gemm_alpha`` on the reference path, inside the fused epilogue kernel on the fast path (no extra ops)."""
+
+    amax_a: Tensor
+    amax_b: Tensor
+
+    def value(self) -> Tensor:
+        """``fp32(fp32(A_a * A_b) * fp32(1/(6*6*448*448)))``, a float32 scalar tensor."""
+        return nvfp4.gemm_alpha(self.amax_a, self.amax_b)
+
+
 def is_nvfp4(operand: Operand) -> bool:
     return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid))
 
@@ -88,7 +101,7 @@ def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid, dtype: torch.dtype, mater
     return values.contiguous() if materialize else values
 
 
-def prepare(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+def prepare(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Alpha | None]:
     """float32 2-D matrices for the contraction of a and b, plus the factor ``finish`` applies (None: no factor).
 
     NVFP4 operands come back as [rows, cols] of their 2-D layout (``NVFP4Tensor.shape`` flattened to [-1, K]);
@@ -97,7 +110,7 @@ def prepare(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor,
     """
     materialize = not fast_path(_device_tensor(a))
     if is_nvfp4(a) and is_nvfp4(b):
-        alpha = nvfp4.gemm_alpha(a.amax, b.amax)
+        alpha = Alpha(a.amax, b.amax)
         return _scaled_codes(a, torch.float32, materialize), _scaled_codes(b, torch.float32, materialize), alpha
     return dense(a, compute_dtype).to(torch.float32), dense(b, compute_dtype).to(torch.float32), None
 
@@ -116,7 +129,7 @@ def dense(operand: Operand, compute_dtype: torch.dtype) -> Tensor:
     return operand
 
 
-def finish(acc: Tensor, alpha: Tensor | None, out_dtype: torch.dtype, bias: Tensor | None = None,
+def finish(acc: Tensor, alpha: Alpha | None, out_dtype: torch.dtype, bias: Tensor | None = None,
            bias_dim: int = -1) -> Tensor:
     """Epilogue: ``out_dtype(acc * alpha + bias)`` in float32 with one final rounding (cuBLASLt's epilogue order).
 
@@ -127,8 +140,9 @@ def finish(acc: Tensor, alpha: Tensor | None, out_dtype: torch.dtype, bias: Tens
             return acc
         if not _is_dense(acc):
             acc = acc.contiguous()
-        return kernels.load().gemm_epilogue(acc, alpha, bias, bias_dim % acc.dim(), out_dtype)
-    out = acc if alpha is None else acc * alpha
+        amax_a, amax_b = (None, None) if alpha is None else (alpha.amax_a, alpha.amax_b)
+        return kernels.load().gemm_epilogue(acc, amax_a, amax_b, bias, bias_dim % acc.dim(), out_dtype)
+    out = acc if alpha is None else acc * alpha.value()
     if bias is not None:
         shape = [-1 if dim == bias_dim % acc.dim() else 1 for dim in range(acc.dim())]
         out = out + bias.to(torch.float32).view(shape)
@@ -144,10 +158,10 @@ def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = Non
     return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
 
 
-def _gemm_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+def _gemm_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Alpha | None]:
     """The fast path's GEMM operands: BF16 scaled codes (exact, SPEC 1.8), or the values in their own dtype."""
     if is_nvfp4(a) and is_nvfp4(b):
-        alpha = nvfp4.gemm_alpha(a.amax, b.amax)
+        alpha = Alpha(a.amax, b.amax)
         return _scaled_codes(a, torch.bfloat16, False), _scaled_codes(b, torch.bfloat16, False), alpha
     return dense(a, compute_dtype), dense(b, compute_dtype), None
 

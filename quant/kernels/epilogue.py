@@ -2,11 +2,13 @@
 
 Why a kernel: on the GPU the QAT GEMM accumulates into an FP32 tensor (``torch.mm(..., out_dtype=float32)`` or an FP32
 convolution), and ``quant.gemm.finish`` then scales it by TE's per-GEMM alpha, adds the bias and rounds once to the
-compute dtype. As PyTorch ops that is three passes over an FP32 tensor (``*``, ``+``, ``.to``); here it is one read of
-the accumulator and one write of the output. Under ``torch.compile`` the same kernel runs as a custom op
-(``fp4lab::gemm_epilogue``), because Inductor would otherwise fuse the three ops into one Triton kernel of its own,
-where the multiply and add may contract into an FMA (one rounding instead of two) and a BF16 output that the next op
-upcasts again may never be rounded (Inductor elides such downcast/upcast pairs): both change bits.
+compute dtype. As PyTorch ops that is three passes over an FP32 tensor (``*``, ``+``, ``.to``) plus the small ops that
+form alpha; here it is one read of the accumulator and one write of the output, with alpha formed from the two
+operands' amax in the kernel (``quant.nvfp4.gemm_alpha``: ``fp32(fp32(A_a * A_b) * fp32(1/(6*6*448*448)))``).
+Under ``torch.compile`` the same kernel runs as a custom op (``fp4lab::gemm_epilogue``), because Inductor would
+otherwise fuse the three ops into one Triton kernel of its own, where the multiply and add may contract into an FMA
+(one rounding instead of two) and a BF16 output that the next op upcasts again may never be rounded (Inductor elides
+such downcast/upcast pairs): both change bits.
 
 What is load-bearing: the multiply and the add are separate IEEE float32 operations (``enable_fp_fusion=False``), the
 bias is read in its own dtype and widened exactly, and the rounding to BF16 is the integer RNE of
@@ -24,38 +26,43 @@ from torch import Tensor
 
 from quant.kernels.nvfp4 import _storage_view, launch_options
 from quant.kernels.rounding import store_values
+from quant.nvfp4 import INV_GEMM
 
 _BLOCK = 2048  # elements per program (a memory-bound pass)
 
 
 @triton.jit(do_not_specialize=["numel"])
-def _epilogue_kernel(acc_ptr, out_ptr, alpha_ptr, bias_ptr, numel, inner, channels,
+def _epilogue_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, bias_ptr, numel, inner, channels,
                      HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     INV_GEMM: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     value = tl.load(acc_ptr + offsets, mask=mask, other=0.0)  # float32, flat memory order
     if HAS_ALPHA:
-        value = value * tl.load(alpha_ptr)
+        alpha = (tl.load(amax_a_ptr) * tl.load(amax_b_ptr)) * INV_GEMM  # nvfp4.gemm_alpha
+        value = value * alpha
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (offsets // inner) % channels, mask=mask, other=0.0)
         value = value + bias.to(tl.float32)
     store_values(out_ptr + offsets, value, mask, OUT_BF16_BITS)
 
 
-def epilogue(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int, out_dtype: torch.dtype) -> Tensor:
-    """``out_dtype(fp32(fp32(acc * alpha) + bias))`` with acc's strides.
+def epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
+             out_dtype: torch.dtype) -> Tensor:
+    """``out_dtype(fp32(fp32(acc * alpha) + bias))`` with acc's strides, alpha = ``nvfp4.gemm_alpha(amax_a, amax_b)``.
 
-    acc: float32, non-overlapping and dense (any dim order); alpha: float32 scalar tensor or None; bias: 1-D
-    [acc.shape[bias_dim]] or None."""
+    acc: float32, non-overlapping and dense (any dim order); amax_a, amax_b: float32 scalar tensors (both or neither:
+    no alpha); bias: 1-D [acc.shape[bias_dim]] or None."""
     out = torch.empty_like(acc, dtype=out_dtype)  # preserves the strides of a dense tensor
     numel = acc.numel()
     if numel == 0:
         return out
     inner = acc.stride(bias_dim) if bias is not None else 1
     channels = acc.shape[bias_dim] if bias is not None else 1
+    has_alpha = amax_a is not None
     grid = (triton.cdiv(numel, _BLOCK),)
-    _epilogue_kernel[grid](acc, _storage_view(out), acc if alpha is None else alpha, acc if bias is None else bias,
-                           numel, inner, channels, HAS_ALPHA=alpha is not None, HAS_BIAS=bias is not None,
-                           OUT_BF16_BITS=out_dtype == torch.bfloat16, BLOCK=_BLOCK, **launch_options())
+    _epilogue_kernel[grid](acc, _storage_view(out), amax_a if has_alpha else acc, amax_b if has_alpha else acc,
+                           acc if bias is None else bias, numel, inner, channels, HAS_ALPHA=has_alpha,
+                           HAS_BIAS=bias is not None, OUT_BF16_BITS=out_dtype == torch.bfloat16, INV_GEMM=INV_GEMM,
+                           BLOCK=_BLOCK, **launch_options())
     return out

@@ -251,23 +251,25 @@ def mxfp4_dequantize(q: mxfp4_reference.MXFP4Tensor, dtype: torch.dtype = torch.
 # ---------------------------------------------------------------------------------------------------------------------
 # The QAT GEMM's epilogue and FP32-accumulating convolutions (quant.gemm, quant.functional)
 # ---------------------------------------------------------------------------------------------------------------------
-def _gemm_epilogue_eager(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int,
-                         out_dtype: torch.dtype) -> Tensor:
-    return epilogue_kernels.epilogue(acc, alpha, bias, bias_dim, out_dtype)
+def _gemm_epilogue_eager(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None,
+                         bias_dim: int, out_dtype: torch.dtype) -> Tensor:
+    return epilogue_kernels.epilogue(acc, amax_a, amax_b, bias, bias_dim, out_dtype)
 
 
 _gemm_epilogue_op = _custom_op("gemm_epilogue", _gemm_epilogue_eager)
 
 
 @_gemm_epilogue_op.register_fake
-def _(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int, out_dtype: torch.dtype) -> Tensor:
+def _(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
+      out_dtype: torch.dtype) -> Tensor:
     return torch.empty_like(acc, dtype=out_dtype)
 
 
-def gemm_epilogue(acc: Tensor, alpha: Tensor | None, bias: Tensor | None, bias_dim: int, out_dtype: torch.dtype
-                  ) -> Tensor:
-    """``out_dtype(fp32(fp32(acc * alpha) + bias))`` in one pass (``quant.kernels.epilogue``); acc float32, dense."""
-    return _call(_gemm_epilogue_op, _gemm_epilogue_eager, acc, alpha, bias, bias_dim, out_dtype)
+def gemm_epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
+                  out_dtype: torch.dtype) -> Tensor:
+    """``out_dtype(fp32(fp32(acc * alpha) + bias))`` in one pass (``quant.kernels.epilogue``), alpha =
+    ``nvfp4.gemm_alpha(amax_a, amax_b)`` (no alpha when the amaxes are None); acc float32, dense."""
+    return _call(_gemm_epilogue_op, _gemm_epilogue_eager, acc, amax_a, amax_b, bias, bias_dim, out_dtype)
 
 
 @contextlib.contextmanager

@@ -20,8 +20,9 @@ def test_prepare_returns_scaled_codes_and_te_alpha():
     assert a32.dtype == torch.float32 and b32.dtype == torch.float32
     np.testing.assert_array_equal(a32.numpy(), decode_scaled_codes(xq))
     np.testing.assert_array_equal(b32.numpy(), decode_scaled_codes(wq))
-    assert alpha.dtype == torch.float32
-    assert np.float32(alpha.item()).view(np.uint32) == te_alpha(xq.amax, wq.amax).view(np.uint32)
+    value = alpha.value()
+    assert value.dtype == torch.float32
+    assert np.float32(value.item()).view(np.uint32) == te_alpha(xq.amax, wq.amax).view(np.uint32)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

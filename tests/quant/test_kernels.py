@@ -188,7 +188,7 @@ def spec_t4(kernel_ops, device: str) -> None:
     one_d = kernel_ops.nvfp4_quantize(w, tile=(1, 16))
     assert one_d.scales[:2, 0].tolist() == [0x7E, 0x66] and one_d.scales[2:].max() == 0
     assert kernel_ops.nvfp4_fake_quantize(w)[1, :2].tolist() == [0.75, -0.5]
-    x = hard_tensor((48, 80), torch.float32, seed=7).to(device)  # columnwise codes are the transpose of rowwise with 2D tiles
+    x = hard_tensor((48, 80), torch.float32, seed=7).to(device)  # with 2D tiles, columnwise codes = rowwise transposed
     rowwise = kernel_ops.nvfp4_fake_quantize(x, tile=(16, 16))
     columnwise = kernel_ops.nvfp4_fake_quantize(x.t(), tile=(16, 16))
     assert_same_bits(columnwise.t(), rowwise, "2D tiles, columnwise vs rowwise")
@@ -377,10 +377,10 @@ def test_interp_custom_ops_pass_opcheck():
     owner = torch.tensor([0])
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize.default, (x, 1, False, seed, "dy", owner))
     acc = torch.randn(2, 32, 3, 5)
-    alpha, bias = torch.tensor(0.75), torch.randn(32).to(torch.bfloat16)
-    torch.library.opcheck(torch.ops.fp4lab.gemm_epilogue.default, (acc, alpha, bias, 1, torch.bfloat16))
+    amax_a, amax_b, bias = torch.tensor(3.5), torch.tensor(0.25), torch.randn(32).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.fp4lab.gemm_epilogue.default, (acc, amax_a, amax_b, bias, 1, torch.bfloat16))
     torch.library.opcheck(torch.ops.fp4lab.gemm_epilogue.default,
-                          (acc.to(memory_format=torch.channels_last), None, bias, 1, torch.float32))
+                          (acc.to(memory_format=torch.channels_last), None, None, bias, 1, torch.float32))
     conv = ([2, 1], [1, 1], [1, 1], False, [0, 0])
     x4, w4 = torch.randn(2, 16, 6, 6), torch.randn(32, 16, 3, 3)
     dy4 = torch.randn(2, 32, 3, 6)
@@ -419,7 +419,7 @@ def test_interp_epilogue_equals_the_reference_finish_in_every_layout():
     acc = torch.randn(2, 48, 5, 7, generator=g) * torch.exp(4 * torch.randn(2, 48, 1, 1, generator=g))
     acc.view(-1)[:4] = torch.tensor([3.4e38, -3.4e38, float("inf"), 0.0])
     acc.view(torch.int32).view(-1)[4] = 0x7FFFFFFF  # NaN as the GPU writes it
-    alpha = torch.tensor(7.25e-3)
+    alpha = gemm.Alpha(torch.tensor(5.125), torch.tensor(0.0367))
     layouts = {"nchw": (acc, 1), "channels_last": (acc.to(memory_format=torch.channels_last), 1),
                "matrix": (acc.reshape(-1, 35), 0), "rows": (acc.reshape(96, 35).t(), 1),
                "permuted": (acc.permute(1, 0, 2, 3), 0)}
@@ -427,14 +427,15 @@ def test_interp_epilogue_equals_the_reference_finish_in_every_layout():
         bias = torch.randn(tensor.shape[bias_dim], generator=g).to(torch.bfloat16)
         for out_dtype in (torch.bfloat16, torch.float32, torch.float16):
             for a, b in ((alpha, bias), (None, bias), (alpha, None), (None, None)):
-                got = kernel_ops.gemm_epilogue(tensor, a, b, bias_dim, out_dtype)
+                amaxes = (None, None) if a is None else (a.amax_a, a.amax_b)
+                got = kernel_ops.gemm_epilogue(tensor, *amaxes, b, bias_dim, out_dtype)
                 expected = gemm.finish(tensor, a, out_dtype, b, bias_dim)  # CPU tensor: the reference path
                 assert got.stride() == tensor.stride(), name
                 nan = expected.isnan()  # NaN payloads differ between PyTorch's CPU kernels and the GPU's
                 assert torch.equal(got.isnan(), nan)
                 assert_same_bits(got[~nan], expected[~nan],
                                  f"epilogue {name} {out_dtype} alpha={a is not None} bias={b is not None}")
-    nan_out = kernel_ops.gemm_epilogue(acc, None, None, 1, torch.bfloat16).view(-1)[4]
+    nan_out = kernel_ops.gemm_epilogue(acc, None, None, None, 1, torch.bfloat16).view(-1)[4]
     assert int(nan_out.view(torch.int16)) == 0x7FC0  # PyTorch's BF16 NaN, not -0.0
 
 
