@@ -18,6 +18,9 @@ after ``--warmup`` steps (compilation happens in the first step), with the 10th-
 against the BF16 step of the same compile setting, measured in the same run. Models run in the order given, eager
 rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
 
+Compiled rows also report how many graphs Dynamo compiled and how many graph breaks it met over all their steps
+(``graphs/breaks``): blocks of one shape must share their graphs (no per-layer recompiles). The layers'
+stochastic-rounding states are created before compilation (``LayerQuantizer.prime``).
 ``--check-graph-breaks`` prints ``torch._dynamo.explain`` of the first quantized block's forward (graphs, breaks and
 their reasons); ``--profile`` records the top CUDA kernels of a few steps of one model/mode; ``--quick`` is a tiny
 CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hence omegaconf and hydra-core, for the
@@ -40,6 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.utils import counters as dynamo_counters
 
 import quant
 from bench.timing import Timing, environment, measure, table, write_json
@@ -136,6 +140,13 @@ def build(work: Workload, mode: str, device: torch.device
     return model, report, blocks
 
 
+def prime_sr_states(model: nn.Module, device: torch.device) -> None:
+    """Create each quantized layer's stochastic-rounding state on ``device`` before anything is compiled (otherwise
+    the first compiled call of each layer takes one graph break to create it; later calls never do)."""
+    for layer in quant.quantized_modules(model).values():
+        layer.quantizer.prime(device)
+
+
 def compile_blocks(model: nn.Module, blocks: tuple[str, ...], backend: str) -> int:
     """torch.compile each block of the model in place (the issue's "compiled blocks" setting); returns their count."""
     modules = dict(model.named_modules())
@@ -165,9 +176,11 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
     model, report, blocks = build(work, mode, device)
     row: dict[str, object] = {"model": work.name, "mode": mode, "compile": setting,
                               "quantized_layers": None if report is None else report.num_quantized}
+    prime_sr_states(model, device)
     if setting == "blocks":
         row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
     step = make_step(model, work, device)
+    dynamo_counters.clear()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = mode.endswith(TF32_SUFFIX)
     try:
@@ -177,6 +190,9 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
         row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    if setting == "blocks":  # over all steps: a per-layer recompile or a graph break would show here
+        row["dynamo_graphs"] = dynamo_counters["stats"]["unique_graphs"]
+        row["dynamo_graph_breaks"] = sum(dynamo_counters["graph_break"].values())
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if mode != "bf16":
@@ -199,6 +215,7 @@ def _release(device: torch.device) -> None:
 def graph_breaks(work: Workload, mode: str, device: torch.device) -> dict[str, object]:
     """``torch._dynamo.explain`` of the first block that holds a quantized layer, forward under BF16 autocast."""
     model, report, blocks = build(work, mode, device)
+    prime_sr_states(model, device)
     modules = dict(model.named_modules())
     quantized = set(report.quantized_names()) if report else set()
     block_name = next((b for b in blocks if any(q.startswith(f"{b}.") for q in quantized)), None)
@@ -312,18 +329,19 @@ def report(result: dict[str, object]) -> str:
     env = result["environment"]
     lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
     header = ["model", "mode", "compile", "ms/step", "p10-p90", "vs bf16 (same)", "vs bf16 eager", "1st step s",
-              "1st loss", "peak GiB", "quantized"]
+              "1st loss", "peak GiB", "quantized", "graphs/breaks"]
     rows = []
     for r in result["rows"]:
         if "skipped" in r:
-            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 7)
+            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 8)
             continue
         t: Timing = r["timing"]
         rows.append([r["model"], r["mode"], r["compile"], f"{t.median_ms:.2f}", t.spread(),
                      _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"),
                      _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
                      f"{r['first_step_s']:.1f}", f"{r['first_loss']:.4f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"),
-                     r["quantized_layers"]])
+                     r["quantized_layers"],
+                     f"{r['dynamo_graphs']}/{r['dynamo_graph_breaks']}" if "dynamo_graphs" in r else None])
     lines.append(table(header, rows))
     for g in result.get("graph_breaks", []):
         lines.append(f"graph breaks {g['model']} {g['mode']} block {g['block']}: graphs={g.get('graphs')} "

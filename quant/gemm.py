@@ -27,7 +27,9 @@ Two implementations of that arithmetic, selected per call by the device of the o
   in BF16, dequantized operands stay in the compute dtype, and BF16 (or FP16) operands go straight into a tensor-core
   GEMM with an FP32 output (``torch.mm(..., out_dtype=float32)``: the same exact products and FP32 accumulation as the
   float32 matmul); the epilogue is one fused pass (``quant.kernels.epilogue``, a custom op under torch.compile, so
-  Inductor can neither contract ``acc * alpha + bias`` into an FMA nor elide the final rounding). Convolutions take
+  Inductor can neither contract ``acc * alpha + bias`` into an FMA nor elide the final rounding). A GEMM with nothing
+  to apply between accumulator and rounding (the dense backward GEMMs) writes BF16 directly, with cuBLAS's split-K
+  partial sums kept in FP32 (``rounded_gemm``). Convolutions take
   float32 operands and run on cuDNN with TF32 switched on locally (``kernels.ops.cudnn_tf32``): TF32 reads
   BF16-representable values exactly, so this is the FP32 convolution's arithmetic at tensor-core speed. The two paths
   differ only in the FP32 summation order chosen by the BLAS / convolution library.
@@ -153,6 +155,8 @@ def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = Non
     """The TN GEMM ``a [M, K] @ b [N, K]^T -> [M, N]`` in ``out_dtype`` (bias [N] added in the epilogue)."""
     if fast_path(_device_tensor(a)):
         a2, b2, alpha = _gemm_operands(a, b, out_dtype)
+        if alpha is None and bias is None and a2.dtype == b2.dtype == out_dtype and out_dtype in _LOW_PRECISION:
+            return rounded_gemm(a2, b2.t())  # nothing between the FP32 accumulator and the one rounding
         return finish(_contract_fast(a2, b2.t()), alpha, out_dtype, bias)
     a32, b32, alpha = prepare(a, b, out_dtype)
     return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
@@ -182,6 +186,13 @@ def _contract_fast(a: Tensor, b: Tensor) -> Tensor:
 def gemm_fp32_out(a: Tensor, b: Tensor) -> Tensor:
     """``torch.mm(a, b, out_dtype=float32)`` (CUDA only; CPU tests of the fast path replace this function)."""
     return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def rounded_gemm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of two BF16 (or FP16) matrices accumulated in FP32 and rounded once to their dtype: the GEMM writes
+    the output dtype itself, with split-K reductions forced to FP32 (``kernels.ops.fp32_reductions``). CPU tests of
+    the fast path replace this function."""
+    return kernels.load().rounded_mm(a, b)
 
 
 def _is_dense(t: Tensor) -> bool:

@@ -273,6 +273,39 @@ def gemm_epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bia
 
 
 @contextlib.contextmanager
+def fp32_reductions() -> Iterator[None]:
+    """cuBLAS BF16/FP16 GEMMs inside this block reduce split-K partial sums in FP32 (the compute type), whatever the
+    user's ``allow_{bf16,fp16}_reduced_precision_reduction``; restored after. With FP32 reductions a BF16-output GEMM is
+    FP32 accumulation rounded once to BF16 (cuBLAS: CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = previous
+
+
+def _rounded_mm_eager(a: Tensor, b: Tensor) -> Tensor:
+    with fp32_reductions():
+        return torch.mm(a, b)
+
+
+_rounded_mm_op = _custom_op("rounded_mm", _rounded_mm_eager)
+
+
+@_rounded_mm_op.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def rounded_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a [M, K] @ b [K, N]`` (both BF16 or both FP16) with FP32 accumulation, rounded once to their dtype: the
+    epilogue-free GEMM of the backward passes that multiply dense operands (no alpha, no bias)."""
+    return _call(_rounded_mm_op, _rounded_mm_eager, a, b)
+
+
+@contextlib.contextmanager
 def cudnn_tf32() -> Iterator[None]:
     """cuDNN convolutions with TF32 tensor cores inside this block, whatever the user's setting, restored after.
 

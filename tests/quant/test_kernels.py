@@ -387,6 +387,7 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.tf32_convolution.default, (x4, w4, *conv))
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_input_grad.default, (dy4, w4, [2, 16, 6, 6], *conv))
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_weight_grad.default, (dy4, x4, [32, 16, 3, 3], *conv))
+    torch.library.opcheck(torch.ops.fp4lab.rounded_mm.default, (x[:, :32], x.t()[:32]))
 
 
 @interp
@@ -487,6 +488,7 @@ def fast_path_on_cpu(monkeypatch):
     from quant import gemm, kernels
 
     monkeypatch.setattr(gemm, "gemm_fp32_out", _f64_gemm)
+    monkeypatch.setattr(gemm, "rounded_gemm", lambda a, b: _f64_gemm(a, b).to(a.dtype))
     monkeypatch.setattr(gemm, "_contract", lambda a32, b32, exact: _f64_gemm(a32, b32))
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
 
