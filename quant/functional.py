@@ -266,11 +266,12 @@ class LayerQuantizer:
         return dtype
 
     def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False,
-                seed: Tensor | None = None) -> Operand:
+                seed: Tensor | None = None, scaled_dtype: torch.dtype | None = None) -> Operand:
         """Quantize the 2-D operand ``x`` of ``slot`` if its role is quantized, else return it in the compute dtype.
 
         ``seed``: the Philox (key, counter) of a grad slot on the kernel path (``sr_seeds``); without it, stochastic
-        rounding draws from the layer's generator."""
+        rounding draws from the layer's generator. ``scaled_dtype``: the GEMM's operand dtype when the other operand
+        is quantized too (``gemm_operand_dtype``); NVFP4 on the kernel path then writes the scaled codes as well."""
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
         role = layer_formats.SLOT_ROLE[slot]
@@ -278,8 +279,13 @@ class LayerQuantizer:
         generator = self.generator(x.device) if draws else None
         amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
         request = SlotRequest(slot=slot, name=checks.OwnedName(self._owner, _SLOT_WORDS[slot]), rht=rht,
-                              generator=generator, amax_reduce=amax_reduce, seed=seed)
+                              generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype)
         return self.format.quantize(x, request, self.recipe, compute_dtype)
+
+    def gemm_operand_dtype(self, role_a: str, role_b: str, dtype: torch.dtype) -> torch.dtype | None:
+        """``dtype`` if both operands of a GEMM (their roles) are quantized, so that the GEMM multiplies scaled codes
+        in ``dtype`` (BF16 for a GEMM, float32 for a convolution); None otherwise."""
+        return dtype if {role_a, role_b} <= self.roles else None
 
     def reuses_fprop_weight(self) -> bool:
         """Does the dgrad GEMM use the forward's quantized W (relaid) instead of quantizing W^T? (``full`` backward)"""
@@ -288,10 +294,11 @@ class LayerQuantizer:
     def kept_for_dgrad(self, fprop_weight: Operand, weight: Tensor) -> Operand | Tensor:
         """What a ``full`` forward saves for the dgrad weight operand: the quantized forward operand when the backward
         reuses it (no requantization, 0.56 bytes per element for NVFP4), else the weight parameter itself."""
-        return fprop_weight if self.reuses_fprop_weight() else weight
+        return gemm.packed(fprop_weight) if self.reuses_fprop_weight() else weight
 
     def dgrad_weight(self, kept: Operand | Tensor, fprop_matrix: Callable[[Tensor], Tensor],
-                     to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Operand:
+                     to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype,
+                     scaled_dtype: torch.dtype | None = None) -> Operand:
         """The dgrad GEMM's weight operand from what ``kept_for_dgrad`` saved. ``fprop_matrix`` maps the weight
         parameter to the forward GEMM's layout ([N, K] or [Co, kh*kw*Ci]); ``to_dgrad`` maps that layout to the dgrad
         one ([K, N] or [Ci, kh*kw*Co]).
@@ -300,7 +307,7 @@ class LayerQuantizer:
         transposed, SPEC 1.4) are relaid; otherwise W^T is quantized along the dgrad reduction dim."""
         if self.reuses_fprop_weight():
             return gemm.Relaid(kept, to_dgrad) if gemm.is_nvfp4(kept) else to_dgrad(kept)
-        return self.operand("dgrad_weight", to_dgrad(fprop_matrix(kept)), dtype)
+        return self.operand("dgrad_weight", to_dgrad(fprop_matrix(kept)), dtype, scaled_dtype=scaled_dtype)
 
 
 def _fresh_generator_state(seed: int) -> Tensor:
@@ -326,8 +333,9 @@ def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch
     rht = q.wgrad_rht
     if rht:
         grad_t, input_t = _pad_tokens(grad_t), _pad_tokens(input_t)
-    return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed),
-            q.operand("wgrad_input", input_t, dtype, rht=rht))
+    scaled = q.gemm_operand_dtype("grad", "input", torch.bfloat16)
+    return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed, scaled_dtype=scaled),
+            q.operand("wgrad_input", input_t, dtype, rht=rht, scaled_dtype=scaled))
 
 
 def _seed(seeds: Tensor | None, gemm_index: int) -> Tensor | None:
@@ -339,6 +347,7 @@ def _save(ctx, *items: Operand | Tensor | None) -> None:
     """save_for_backward that also takes NVFP4 operands (codes, scales and amax saved; the rest kept on ctx)."""
     tensors, layouts = [], []
     for item in items:
+        item = gemm.packed(item)
         if isinstance(item, nvfp4.NVFP4Tensor):
             tensors += [item.codes, item.scales, item.amax]
             layouts.append((item.shape, item.dtype, item.tile, item.rht, item.stochastic))
@@ -393,8 +402,9 @@ class _QuantLinearFunction(torch.autograd.Function):
                 dtype: torch.dtype, track: bool) -> Tensor:
         with _autocast_off(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [M, K]
-            xq = q.operand("fprop_input", x2, dtype)
-            wq = q.operand("fprop_weight", weight, dtype)  # [N, K]
+            scaled = q.gemm_operand_dtype("input", "weight", torch.bfloat16)
+            xq = q.operand("fprop_input", x2, dtype, scaled_dtype=scaled)
+            wq = q.operand("fprop_weight", weight, dtype, scaled_dtype=scaled)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
         if not track:
             _save(ctx)
@@ -418,8 +428,10 @@ class _QuantLinearFunction(torch.autograd.Function):
             if q.backward == "full":
                 saved_x, kept_w, seeds = _saved(ctx)  # [M, K]; quantized W [N, K] or the weight
                 if need_x:
-                    a = q.operand("dgrad_grad", dy, dtype, seed=_seed(seeds, 0))
-                    grad_x = gemm.mm(a, q.dgrad_weight(kept_w, _same, torch.t, dtype), dtype)  # [M, K]
+                    scaled = q.gemm_operand_dtype("grad", "weight", torch.bfloat16)
+                    a = q.operand("dgrad_grad", dy, dtype, seed=_seed(seeds, 0), scaled_dtype=scaled)
+                    b = q.dgrad_weight(kept_w, _same, torch.t, dtype, scaled)  # [K, N]
+                    grad_x = gemm.mm(a, b, dtype)  # [M, K]
                 if need_w:
                     a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype, _seed(seeds, 1))  # [N, M], [K, M]
                     grad_w = gemm.mm(a, b, dtype)  # [N, K]
@@ -558,8 +570,9 @@ class _QuantConvFunction(torch.autograd.Function):
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
-            xq = q.operand("fprop_input", _pixels(x_c), dtype)  # [N*H*W, Ci]
-            wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype)  # [Co, kh*kw*Ci]
+            scaled = q.gemm_operand_dtype("input", "weight", torch.float32)  # convolutions contract float32
+            xq = q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled)  # [N*H*W, Ci]
+            wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled)  # [Co, kh*kw*Ci]
             x32, w32, alpha = gemm.prepare(xq, wq, dtype)
             w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)
             acc = geo.convolution(_unpixels(x32, x_c.shape), w_mod)
@@ -631,10 +644,11 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, ge
                 seed: Tensor | None) -> Tensor:
     """dX with dY quantized per output pixel along Co and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
-    dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed)  # [N*OH*OW, Co]
+    scaled = q.gemm_operand_dtype("grad", "weight", torch.float32)
+    dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
     fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
-    wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype)  # [Ci, kh*kw*Co]
+    wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
     dy32, w32, alpha = gemm.prepare(dyq, wq, dtype)
     w_mod = _module_weight(_from_dgrad_matrix(w32, w_oi_shape), geo)
     return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)

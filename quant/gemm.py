@@ -65,7 +65,20 @@ class Relaid:
         return self.source.amax
 
 
-Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid]
+@dataclass(frozen=True, eq=False)
+class Prescaled:
+    """An NVFP4 tensor together with its scaled codes ``nvfp4.scaled_codes(source, values.dtype)``, written by the
+    quantize kernel in the same pass as the codes (fast path), so the GEMM needs no decode."""
+
+    source: nvfp4.NVFP4Tensor
+    values: Tensor  # [rows, cols] scaled codes e2m1 * s_b, BF16 or float32 (exact either way)
+
+    @property
+    def amax(self) -> Tensor:
+        return self.source.amax
+
+
+Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid, Prescaled]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +95,12 @@ class Alpha:
 
 
 def is_nvfp4(operand: Operand) -> bool:
-    return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid))
+    return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid, Prescaled))
+
+
+def packed(operand: Operand) -> Operand:
+    """The operand without materialised scaled codes (what is worth saving for the backward)."""
+    return operand.source if isinstance(operand, Prescaled) else operand
 
 
 def fast_path(t: Tensor) -> bool:
@@ -91,12 +109,15 @@ def fast_path(t: Tensor) -> bool:
 
 
 def _device_tensor(operand: Operand) -> Tensor:
-    if isinstance(operand, Relaid):
-        return operand.source.codes
+    if isinstance(operand, (Relaid, Prescaled)):
+        return _device_tensor(operand.source)
     return operand.codes if isinstance(operand, nvfp4.NVFP4Tensor) else operand
 
 
-def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid, dtype: torch.dtype, materialize: bool) -> Tensor:
+def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid | Prescaled, dtype: torch.dtype, materialize: bool
+                  ) -> Tensor:
+    if isinstance(operand, Prescaled):
+        return operand.values if operand.values.dtype == dtype else operand.values.to(dtype)  # exact in both
     if isinstance(operand, nvfp4.NVFP4Tensor):
         return nvfp4.scaled_codes(operand, dtype)
     values = operand.layout(nvfp4.scaled_codes(operand.source, dtype))
@@ -125,6 +146,8 @@ def dense(operand: Operand, compute_dtype: torch.dtype) -> Tensor:
     if isinstance(operand, Relaid):
         values = operand.layout(dense(operand.source, compute_dtype))
         return values if fast_path(values) else values.contiguous()
+    if isinstance(operand, Prescaled):
+        return dense(operand.source, compute_dtype)
     if isinstance(operand, nvfp4.NVFP4Tensor):
         values = nvfp4.dequantize(operand, dtype=compute_dtype)
         return values if values.dim() == 2 else values.reshape(-1, operand.shape[-1])

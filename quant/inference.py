@@ -227,8 +227,7 @@ class PackedQuantizer(LayerQuantizer):
     def weight_buffers(self) -> dict[str, Tensor]:
         return {key: self._module_buffers[key] for key in self.codec.expected(self.spec)}
 
-    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False,
-                seed: Tensor | None = None) -> Operand:
+    def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False, **options: Any) -> Operand:
         if slot == "fprop_weight":
             buffers = self.weight_buffers()
             for key in ("amax", "absmax_scales", "absmax_offset"):
@@ -240,7 +239,7 @@ class PackedQuantizer(LayerQuantizer):
                     )
             return self.codec.operand(self.spec, buffers, compute_dtype)
         if slot == "fprop_input":
-            return super().operand(slot, x, compute_dtype, rht)
+            return super().operand(slot, x, compute_dtype, rht, **options)
         raise QuantError(
             f"{self.name}: a packed inference layer has no backward (asked for the {slot} operand); fine-tune the "
             "QAT model (quant.apply on the trainable weights) and export it again"

@@ -33,6 +33,7 @@ from torch import Tensor
 from quant import distributed, fp8, int4, kernels, mxfp4, nf4, nvfp4
 from quant.errors import QuantError
 from quant.kernels.checks import OwnedName
+from quant import gemm
 from quant.gemm import Operand
 from quant.recipe import Recipe
 
@@ -57,6 +58,8 @@ class SlotRequest:
     generator: torch.Generator | None = None  # stochastic rounding stream (grad slots, reference path)
     amax_reduce: distributed.AmaxReducer | None = None  # global-amax reduction across ranks (per_tensor_amax formats)
     seed: Tensor | None = None  # SR Philox (key, counter), int64 [2], instead of ``generator`` (kernel path)
+    # NVFP4 on the kernel path: also write the GEMM operand (scaled codes) in this dtype, in the quantize pass
+    scaled_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,11 @@ class NVFP4Layer(LayerFormat):
         role = SLOT_ROLE[request.slot]
         tile = recipe.weight_tile if role == "weight" else (1, nvfp4.BLOCK)
         stochastic = role == "grad" and recipe.stochastic_rounding
+        if request.scaled_dtype is not None and request.amax_reduce is None and kernels.enabled_for(x):
+            q, values = kernels.load().nvfp4_quantize_scaled(
+                x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name,
+                seed=request.seed, dtype=request.scaled_dtype)
+            return gemm.Prescaled(q, values)
         if request.seed is not None:  # kernel path, SR from the layer's own Philox counter (torch.compile-friendly)
             return kernels.load().nvfp4_quantize(x, tile=tile, rht=request.rht, stochastic=stochastic,
                                                  name=request.name, seed=request.seed)

@@ -123,10 +123,10 @@ def _philox_block_bits(key, counter, block_index):
 def _quantize_kernel(
     x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K] (any strides); KP = K rounded up to 16
     amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [2] SR Philox (key, counter) (read only if STOCHASTIC)
-    out_ptr,  # dequantized values [M, K] contiguous, output dtype (if WRITE_VALUES)
+    out_ptr,  # values [M, K] contiguous, output dtype (if WRITE_VALUES): dequantized, or the scaled codes
     codes_ptr, scales_ptr,  # uint8 [M, KP/2] packed codes, uint8 [M, KP/16] scale bytes (if WRITE_CODES)
     TILE_ROWS: tl.constexpr, RHT: tl.constexpr, STOCHASTIC: tl.constexpr,
-    WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr,
+    WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SCALED_VALUES: tl.constexpr,
     SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr, E2M1_X_E4M3: tl.constexpr,
     FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
@@ -186,7 +186,10 @@ def _quantize_kernel(
                  tl.where(poisoned, 0x7F, scale_byte).to(tl.uint8),
                  mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :])
     if WRITE_VALUES:
-        factor = (scale * amax) * INV_2688  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
+        if SCALED_VALUES:  # the GEMM operand e2m1 * s_b, as _decode_kernel computes it from the codes
+            factor = scale
+        else:  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
+            factor = (scale * amax) * INV_2688
         values = with_sign(magnitude, negative) * factor[:, :, None]
         values = tl.reshape(tl.where(poisoned, float("nan"), values), (BM, BK))
         cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
@@ -260,11 +263,13 @@ def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
 
 
 def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, write_codes: bool,
-                values_dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                values_dtype: torch.dtype | None, scaled_values: bool = False
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """One pass of SPEC 1.2 steps 2-9 over x2d [M, K] with the given global amax (float32 [1]).
 
-    Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the dequantized values
-    [M, K] in ``values_dtype`` if it is not None (None for what was not asked). ``seed`` (int64 [2]: Philox key and
+    Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the values [M, K] in
+    ``values_dtype`` if it is not None (None for what was not asked): TE's dequantized values, or with
+    ``scaled_values`` the scaled codes e2m1 * s_b (the bytes ``decode_2d(..., scaled_codes=True)`` would produce). ``seed`` (int64 [2]: Philox key and
     counter; or [1]: the key, counter 0) turns on SR.
     """
     m, k = x2d.shape
@@ -287,7 +292,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         out, placeholder if codes is None else codes,
         placeholder if scales is None else scales,
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
-        WRITE_VALUES=values is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
+        WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
         E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
         **launch_options(),
     )

@@ -112,6 +112,25 @@ def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owne
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _nvfp4_quantize_scaled_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str,
+                                 owner: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x2d = _as_2d(x)
+    amax = _nvfp4_amax(x2d, rht, name, owner)
+    codes, scales, values = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, dtype, scaled_values=True)
+    return codes, scales, amax.reshape(()), values
+
+
+_nvfp4_quantize_scaled_op = _custom_op("nvfp4_quantize_scaled", _nvfp4_quantize_scaled_eager)
+
+
+@_nvfp4_quantize_scaled_op.register_fake
+def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owner: Tensor | None,
+      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
+    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32), x.new_empty(rows, x.shape[-1], dtype=dtype))
+
+
 def _nvfp4_decode_eager(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype,
                      scaled_codes: bool) -> Tensor:
     return nvfp4_kernels.decode_2d(codes, scales, amax, cols, dtype, scaled_codes)
@@ -142,6 +161,22 @@ def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False
                                 owner)
     return nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype,
                                        tile=tile, rht=rht, stochastic=stochastic)
+
+
+def nvfp4_quantize_scaled(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,
+                          generator: torch.Generator | None = None, name: str | checks.OwnedName | None = None,
+                          seed: Tensor | None = None, dtype: torch.dtype = torch.bfloat16
+                          ) -> tuple[nvfp4_reference.NVFP4Tensor, Tensor]:
+    """``nvfp4_quantize`` plus the GEMM operand ``nvfp4.scaled_codes(q, dtype)`` [M, K] from the same pass (no decode
+    pass over the codes it has just written)."""
+    tile = _check_nvfp4(x, tile, rht, name)
+    seed = _sr_seed(x, stochastic, generator, seed)
+    words, owner = checks.split_name(name)
+    codes, scales, amax, values = _call(_nvfp4_quantize_scaled_op, _nvfp4_quantize_scaled_eager, x.detach(), tile[0],
+                                        rht, seed, words, owner, dtype)
+    q = nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype, tile=tile,
+                                    rht=rht, stochastic=stochastic)
+    return q, values
 
 
 def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,

@@ -108,6 +108,10 @@ def check_nvfp4(x: torch.Tensor, tile: tuple[int, int], rht_on: bool, kernel_ops
                      nvfp4.dequantize(ref, dtype=out), "dequantized values")
     assert_same_bits(kernel_ops.nvfp4_decode(q, torch.float32, scaled_codes=True),
                      nvfp4.scaled_codes(ref, torch.float32), "scaled codes")
+    for dtype in (torch.bfloat16, torch.float32):  # codes and the GEMM operand from one pass
+        q_scaled, values = _kernel_ops().nvfp4_quantize_scaled(x, tile=tile, rht=rht_on, dtype=dtype)
+        assert_same_nvfp4(q_scaled, ref)
+        assert_same_bits(values, nvfp4.scaled_codes(ref, dtype), f"scaled codes from the quantize pass ({dtype})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,6 +392,8 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_input_grad.default, (dy4, w4, [2, 16, 6, 6], *conv))
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_weight_grad.default, (dy4, x4, [32, 16, 3, 3], *conv))
     torch.library.opcheck(torch.ops.fp4lab.rounded_mm.default, (x[:, :32], x.t()[:32]))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_scaled.default,
+                          (x, 16, False, None, "w", owner, torch.bfloat16))
 
 
 @interp
@@ -493,20 +499,33 @@ def fast_path_on_cpu(monkeypatch):
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
 
 
+FAST_PATH_POLICIES = {
+    "full": {"recipe": {"backward": "full"}},
+    "full-w1x16": {"recipe": {"backward": "full", "disable_2d_quantization": True}},
+    "dequantized": {"recipe": {"backward": "dequantized"}},
+    "high_precision": {"recipe": {"backward": "high_precision"}},
+    "full-weight-only": {"recipe": {"backward": "full"}, "roles": ("weight",)},
+    "full-no-grad-role": {"recipe": {"backward": "full", "disable_rht": True}, "roles": ("weight", "input")},
+    "mxfp4-full": {"format": "mxfp4", "recipe": {"backward": "full"}},
+}
+
+
 @interp
-@pytest.mark.parametrize("recipe", [{"backward": "full"}, {"backward": "full", "disable_2d_quantization": True},
-                                    {"backward": "dequantized"}, {"backward": "high_precision"}],
-                         ids=["full", "full-w1x16", "dequantized", "high_precision"])
-def test_interp_fast_path_layers_equal_the_reference_bit_for_bit(recipe, fast_path_on_cpu):
-    """Linear, Conv2d and ConvTranspose2d layers, forward and every gradient: the fast path (dgrad from the forward's
-    16x16 codes, operands saved packed, no dtype round trips) equals the reference (RN here; SR draws differ)."""
+@pytest.mark.parametrize("policy", list(FAST_PATH_POLICIES))
+def test_interp_fast_path_layers_equal_the_reference_bit_for_bit(policy, fast_path_on_cpu):
+    """Linear, Conv2d and ConvTranspose2d layers, forward and every gradient: the fast path (scaled codes from the
+    quantize pass, dgrad from the forward's 16x16 codes, operands saved packed, no dtype round trips) equals the
+    reference (RN here; SR draws differ)."""
     import copy
 
     import quant
 
     torch.manual_seed(0)
     model = _conv_stack()
-    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(disable_stochastic_rounding=True, **recipe)))
+    spec = FAST_PATH_POLICIES[policy]
+    fmt = spec.get("format", "nvfp4")
+    recipe = dict(spec["recipe"], **({"disable_stochastic_rounding": True} if fmt == "nvfp4" else {}))
+    quant.apply(model, quant.Policy(format=fmt, recipe=quant.Recipe(**recipe), roles=spec.get("roles")))
     reference = _train_step(copy.deepcopy(model))
     fast_path_on_cpu()
     for i, (got, expected) in enumerate(zip(_train_step(copy.deepcopy(model)), reference)):
