@@ -4,8 +4,9 @@ Why a separate module: every quantized layer (linear, conv, transposed conv) mus
 arithmetic, so the rule "when is the result exactly TE's" lives once, here.
 
 An operand is an ``nvfp4.NVFP4Tensor`` (codes + E4M3 block scales + FP32 amax), a ``Relaid`` NVFP4 tensor (the same
-codes used in another GEMM's layout, e.g. the forward's 16x16-tiled W as the dgrad operand W^T), or an ordinary tensor
-(high precision, or fake-quantized values of another format). The arithmetic, for every device:
+codes used in another GEMM's layout, e.g. the forward's 16x16-tiled W as the dgrad operand W^T), a ``Prescaled`` NVFP4
+tensor (with its scaled codes already written by the quantize kernel), or an ordinary tensor (high precision, or
+fake-quantized values of another format). The arithmetic, for every device:
 
 * both NVFP4: the operands are the *scaled codes* ``e2m1(q) * s_b`` (at most 6 significant bits, exact in BF16 and
   FP32), their products are exact (at most 12 bits), the contraction accumulates in FP32 as cuBLASLt does, and the
@@ -23,16 +24,17 @@ Two implementations of that arithmetic, selected per call by the device of the o
 * reference (CPU, or CUDA with ``quant.kernels`` disabled): ``prepare`` materialises float32 matrices and the caller
   contracts them with any float32 op (``a @ b``, ``conv2d``); ``finish`` is three PyTorch ops. The CPU tests compare
   this path bit for bit with float64 references.
-* fast (``fast_path``: CUDA with the Triton kernels): no dtype round trips. Scaled codes come out of the decode kernel
-  in BF16, dequantized operands stay in the compute dtype, and BF16 (or FP16) operands go straight into a tensor-core
-  GEMM with an FP32 output (``torch.mm(..., out_dtype=float32)``: the same exact products and FP32 accumulation as the
-  float32 matmul); the epilogue is one fused pass (``quant.kernels.epilogue``, a custom op under torch.compile, so
-  Inductor can neither contract ``acc * alpha + bias`` into an FMA nor elide the final rounding). A GEMM with nothing
-  to apply between accumulator and rounding (the dense backward GEMMs) writes BF16 directly, with cuBLAS's split-K
-  partial sums kept in FP32 (``rounded_gemm``). Convolutions take
-  float32 operands and run on cuDNN with TF32 switched on locally (``kernels.ops.cudnn_tf32``): TF32 reads
-  BF16-representable values exactly, so this is the FP32 convolution's arithmetic at tensor-core speed. The two paths
-  differ only in the FP32 summation order chosen by the BLAS / convolution library.
+* fast (``fast_path``: CUDA with the Triton kernels): no dtype round trips. Scaled codes come in BF16 from the
+  quantize pass itself (``Prescaled``) or from the decode kernel, dequantized operands stay in the compute dtype, and
+  BF16 (or FP16) operands go straight into a tensor-core GEMM with an FP32 output (``torch.mm(...,
+  out_dtype=float32)``: the same exact products and FP32 accumulation as the float32 matmul); the epilogue is one
+  fused pass (``quant.kernels.epilogue``, a custom op under torch.compile, so Inductor can neither contract ``acc *
+  alpha + bias`` into an FMA nor elide the final rounding). A GEMM with nothing to apply between accumulator and
+  rounding (the dense backward GEMMs) writes BF16 directly, with cuBLAS's split-K partial sums kept in FP32
+  (``rounded_gemm``). Convolutions take float32 operands and run on cuDNN with TF32 switched on locally
+  (``kernels.ops.cudnn_tf32``): TF32 reads BF16-representable values exactly, so this is the FP32 convolution's
+  arithmetic at tensor-core speed. The two paths differ only in the FP32 summation order chosen by the BLAS /
+  convolution library.
 
 The output dtype is the compute dtype (BF16 under bf16 autocast, FP32 in 32-true runs); TE's FP4 GEMM has no FP16
 output, so NVFP4 layers never compute in FP16 (checked by ``quant.functional``). FP32 operands (32-true runs) are

@@ -269,8 +269,8 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
 
     Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the values [M, K] in
     ``values_dtype`` if it is not None (None for what was not asked): TE's dequantized values, or with
-    ``scaled_values`` the scaled codes e2m1 * s_b (the bytes ``decode_2d(..., scaled_codes=True)`` would produce). ``seed`` (int64 [2]: Philox key and
-    counter; or [1]: the key, counter 0) turns on SR.
+    ``scaled_values`` the scaled codes e2m1 * s_b (the bytes ``decode_2d(..., scaled_codes=True)`` would produce).
+    ``seed`` (int64 [2]: Philox key and counter; or [1]: the key, counter 0) turns on SR.
     """
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
@@ -292,9 +292,9 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         out, placeholder if codes is None else codes,
         placeholder if scales is None else scales,
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
-        WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
-        E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk,
-        **launch_options(),
+        WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6,
+        INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16,
+        BM=bm, BK=bk, **launch_options(),
     )
     return codes, scales, values
 
