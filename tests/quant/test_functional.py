@@ -420,7 +420,7 @@ def _layer_pair(case: str, recipe: quant.Recipe, grid: bool):
 
 def _run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
     device = layer.weight.device
-    x = x.to(device).requires_grad_()
+    x = x.detach().to(device).requires_grad_()  # a leaf on the layer's device, so x.grad is filled
     with torch.autocast(device.type, dtype=BF16):
         y = layer(x)
     y.backward(dy.to(device))
