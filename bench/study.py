@@ -36,6 +36,10 @@ Usage (from the repository root):
     python -m bench.study unet_coco --data-root .data --out /tmp/study            # study scale (GPU)
     python -m bench.study llm_text --toy --seeds 0                                 # CPU smoke: a few steps per job
     python -m bench.study resnet_cifar10 --set trainer.max_epochs=2 --deadline-s 500
+  seeds on two GPUs: one driver per GPU, then one summary over both (job folders are found at any depth)
+    CUDA_VISIBLE_DEVICES=0 python -m bench.study unet_coco --seeds 0 --sweep-dir S &
+    CUDA_VISIBLE_DEVICES=1 python -m bench.study unet_coco --seeds 1 --sweep-dir S1; wait
+    mv S1 S/gpu1 && python -m bench.study unet_coco --seeds 0,1 --phases none --sweep-dir S --out /tmp/study
 """
 from __future__ import annotations
 
@@ -424,7 +428,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="default: multirun/<experiment>/study-<UTC time>")
     parser.add_argument("--out", type=Path, default=None, help="copy <experiment>.json and <experiment>.tar.gz here")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"subset of {','.join(PHASES)}")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"subset of {','.join(PHASES)}, or 'none': run nothing, only rebuild the report, summary "
+                             "and bundle from the job folders already under the sweep dir (also those of another "
+                             "driver's sweep dir moved inside it, e.g. seeds run on a second GPU)")
     parser.add_argument("--trainer", choices=("auto", "gpu", "cpu"), default="auto",
                         help="trainer config (auto: gpu when CUDA is available)")
     parser.add_argument("--toy", action="store_true", help="CPU smoke scale: 2 steps per job, a few samples")
@@ -434,8 +441,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bundle-mib", type=float, default=15.0, help="size cap of the tar.gz (device: 16 MiB)")
     args = parser.parse_args(argv)
     unknown = set(args.phases.split(",")) - set(PHASES)
-    if unknown:
-        parser.error(f"--phases: unknown {', '.join(sorted(unknown))}; valid: {', '.join(PHASES)}")
+    if args.phases != "none" and unknown:
+        parser.error(f"--phases: unknown {', '.join(sorted(unknown))}; valid: {', '.join(PHASES)} or none")
     return args
 
 
