@@ -44,15 +44,32 @@ def metric_columns(summary: dict[str, Any]) -> list[str]:
     return ([headline] if headline in common else []) + rest
 
 
+NOT_REQUESTED = "not requested"  # bench.study's reason for a phase left out by --phases
+
+
+def gpu_text(env: dict[str, Any]) -> str:
+    """``nvidia-smi``'s GPU lines as one: ``2 x NVIDIA H100 80GB HBM3, ...`` for a host of identical GPUs."""
+    gpus = [line.strip() for line in (env.get("gpu") or "").splitlines() if line.strip()]
+    if not gpus:
+        return "CPU"
+    return gpus[0] if len(gpus) == 1 else (f"{len(gpus)} x {gpus[0]}" if len(set(gpus)) == 1 else "; ".join(gpus))
+
+
+def rebuilt(summary: dict[str, Any]) -> bool:
+    """True for a summary rebuilt with ``--phases none`` over job folders that other driver runs wrote."""
+    return all(p["skipped"].startswith(NOT_REQUESTED) for p in summary["phases"])
+
+
 def experiment_markdown(summary: dict[str, Any]) -> str:
     env = summary["environment"]
     seeds = ", ".join(map(str, summary["seeds"]))
     versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton", "lightning", "transformers")
                          if env.get(name))
+    span = ("summary rebuilt over the job folders of several driver runs (--phases none)" if rebuilt(summary)
+            else f"study wall time {summary['wall_seconds']:.0f} s")
     lines = [f"### {summary['experiment']}", "",
-             f"{env.get('gpu') or 'CPU'}; {env['date']}; {versions}; seeds {seeds}; "
-             f"study wall time {summary['wall_seconds']:.0f} s" + ("" if summary["scale"] == "study" else
-                                                                    f" (scale: {summary['scale']})"), ""]
+             f"{gpu_text(env)}; {env['date']}; {versions}; seeds {seeds}; {span}"
+             + ("" if summary["scale"] == "study" else f" (scale: {summary['scale']})"), ""]
     columns = metric_columns(summary)
     lines.append("| arm | " + " | ".join(columns) + " | seeds | wall time / job vs BF16 |")
     lines.append("|---|" + "---|" * (len(columns) + 2))
@@ -77,7 +94,11 @@ def experiment_markdown(summary: dict[str, Any]) -> str:
                   "threshold within a module type)."]
     problems = [f"phase {p['name']}: " + (p["skipped"] or ("timed out" if p["timed_out"] else
                                                             f"exit {p['returncode']}"))
-                for p in summary["phases"] if p["skipped"] or p["timed_out"] or p["returncode"] not in (0, None)]
+                for p in summary["phases"] if (p["skipped"] and not p["skipped"].startswith(NOT_REQUESTED))
+                or p["timed_out"] or p["returncode"] not in (0, None)]
+    missing = [arm for arm in ARM_TEXT if arm not in summary["arms"]]
+    if missing:
+        problems.append("no finished job of " + ", ".join(f"`{arm}`" for arm in missing))
     problems += [f"failed job {job['folder']}: {job['message']}" for job in summary.get("failed_jobs", [])]
     if problems:
         lines += ["", "Not complete: " + "; ".join(problems) + "."]

@@ -40,6 +40,16 @@ def test_resume_from_a_checkpoint_continues_the_step_count(cfg_factory, tmp_path
     assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 4
 
 
+def test_max_epochs_that_stops_before_max_steps_is_warned_about(cfg_factory):
+    # limit_train_batches=2: an epoch is 2 steps, so max_epochs=1 ends the run at step 2 of 50
+    cfg = cfg_factory(*overrides("resnet", "trainer.max_steps=50", "trainer.max_epochs=1",
+                                 "trainer.limit_train_batches=2"))
+    with pytest.warns(UserWarning, match=r"trainer.max_epochs=1 ends training after 2 optimizer steps, before "
+                                         r"trainer.max_steps=50"):
+        run(cfg)
+    assert torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
 def wandb_summary(run_dir: Path) -> dict:
     """Read an offline W&B run back with W&B's own reader (``wandb leet inspect``), no mocks."""
     result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(run_dir)],

@@ -56,6 +56,13 @@ def test_sweep_is_three_seeds_of_the_five_training_arms_named_by_run(experiment)
 
 
 @pytest.mark.parametrize("experiment", study.EXPERIMENTS)
+def test_a_step_budget_is_not_capped_by_the_default_epoch_count(experiment, tmp_path):
+    # llm_text once trained 90 of its 300 steps: the trainer default max_epochs=3 ended the run first
+    trainer = validate(_compose(experiment, tmp_path, "quant=bf16")).trainer
+    assert trainer.max_steps == -1 or trainer.max_epochs in (None, -1)
+
+
+@pytest.mark.parametrize("experiment", study.EXPERIMENTS)
 def test_every_arm_composes_and_reads_its_data_set_under_data_root(experiment, tmp_path):
     for arm in TRAINING_ARMS:
         typed = validate(_compose(experiment, tmp_path, f"quant={arm}"))

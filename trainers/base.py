@@ -10,6 +10,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -40,7 +41,13 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.trainer.estimated_stepping_batches)
+        total_steps = self.trainer.estimated_stepping_batches
+        max_steps = self.trainer.max_steps
+        if 0 < total_steps < max_steps:  # e.g. the trainer default max_epochs=3 silently capping max_steps=300
+            rank_zero_warn(f"trainer.max_epochs={self.trainer.max_epochs} ends training after {int(total_steps)} "
+                           f"optimizer steps, before trainer.max_steps={max_steps}; set trainer.max_epochs=null "
+                           "to train for max_steps")
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total_steps)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
