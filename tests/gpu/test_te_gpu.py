@@ -18,6 +18,7 @@ Run: ``NVTE_FRAMEWORK=pytorch python3 -m pytest tests/gpu/test_te_gpu.py -m gpu 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 import quant
-from quant import te_backend
+from quant import kernels, numerics, te_backend
 from quant.policy import Policy
 from quant.recipe import Recipe
 from tests.conftest import compose_config
@@ -303,32 +304,59 @@ def parity(request):
         te_y = te_layer(te_x)
     te_y.backward(dy)
 
-    ours = nn.Sequential(nn.Linear(K_IN, N_OUT, bias=False, device="cuda", dtype=w_dtype))
-    with torch.no_grad():
-        ours[0].weight.copy_(w)
-    report = quant.apply(ours, Policy(format="nvfp4", recipe=recipe))
-    assert report.num_quantized == 1
+    def our_layer() -> nn.Sequential:
+        layer = nn.Sequential(nn.Linear(K_IN, N_OUT, bias=False, device="cuda", dtype=w_dtype))
+        with torch.no_grad():
+            layer[0].weight.copy_(w)
+        assert quant.apply(layer, Policy(format="nvfp4", recipe=recipe)).num_quantized == 1
+        return layer
+
+    def step(layer: nn.Sequential) -> dict[str, torch.Tensor]:
+        our_x = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            our_y = layer(our_x)
+        our_y.backward(dy)
+        return {"Y": our_y.detach(), "dX": our_x.grad, "dW": layer[0].weight.grad}
+
+    # The operands are recorded on the reference path (kernels off): the fast CUDA path quantizes inside fused
+    # kernels that write scaled codes, and tests/quant/test_functional.py -m gpu shows it equals the reference bit
+    # for bit. Its outputs are compared with TE's below as well ("ours (kernels)").
     our_log: dict = {}
     real_quantize = quant.nvfp4.quantize
 
     def recording_quantize(t, *args, **kwargs):
         q = real_quantize(t, *args, **kwargs)
-        our_log[kwargs["name"]] = (t.detach().clone(), q)
+        our_log[str(kwargs["name"])] = (t.detach().clone(), q)  # "0 input", "0 output gradient (wgrad)", ...
         return q
 
-    our_x = x.clone().requires_grad_(True)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, kernels.disabled():
         mp.setattr(quant.nvfp4, "quantize", recording_quantize)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            our_y = ours(our_x)
-        our_y.backward(dy)
+        reference_outputs = step(our_layer())
+    kernel_outputs = step(our_layer())
     torch.cuda.synchronize()
     return {
         "name": request.param, "te_log": te_log, "our_log": our_log,
         "te": {"Y": te_y.detach(), "dX": te_x.grad, "dW": te_layer.weight.grad},
-        "ours": {"Y": our_y.detach(), "dX": our_x.grad, "dW": ours[0].weight.grad},
+        "ours": reference_outputs, "ours (kernels)": kernel_outputs,
         "x": x, "w": w, "dy": dy,
     }
+
+
+def _our_operand(parity: dict, suffix: str) -> tuple[torch.Tensor, object]:
+    """(source, NVFP4Tensor) our layer used for an operand. With 16x16 weight tiles the dgrad GEMM reuses the forward's
+    W codes relaid as W^T (quant.gemm.Relaid, SPEC 1.4) instead of quantizing W^T: materialise that relayout (codes
+    transposed, each tile's scale byte on the rows of W^T it covers) so it compares byte for byte with TE's
+    columnwise W."""
+    log = parity["our_log"]
+    if f"0 {suffix}" in log or suffix != "weight (dgrad)":
+        return log[f"0 {suffix}"]
+    src, q = log["0 weight"]
+    assert q.tile == (16, 16), f"no dgrad weight operand was quantized and the forward W has tile {q.tile}"
+    scales = q.scales if q.scales.dtype == torch.uint8 else q.scales.view(torch.uint8)
+    relaid = dataclasses.replace(
+        q, codes=numerics.pack_nibbles(quant.nvfp4.unpack_codes(q).t().contiguous()),  # [K, N/2]
+        scales=scales[::16].t().repeat_interleave(16, 0).contiguous(), shape=torch.Size((K_IN, N_OUT)))  # [K, N/16]
+    return src.t(), relaid
 
 
 # operand -> (TE-ref tensor kind, TE field prefix "" rowwise or "_t" columnwise, our SlotRequest name suffix)
@@ -356,7 +384,7 @@ def _te_record(parity: dict, kind: str, suffix: str) -> dict:
 def test_parity_quantized_operands_are_byte_identical(parity, operand):
     kind, suffix, our_suffix = OPERANDS[operand]
     te = _te_record(parity, kind, suffix)
-    our_src, ours = parity["our_log"][f"0 {our_suffix}"]
+    our_src, ours = _our_operand(parity, our_suffix)
     te_codes = te["data" + suffix]
     rows = ours.codes.shape[0]
     te_scales = te["scale" + suffix].contiguous().view(torch.uint8)[:rows]
@@ -393,12 +421,13 @@ def _noise(name: str, ours: torch.Tensor, te: torch.Tensor) -> dict[str, float]:
     }
 
 
+@pytest.mark.parametrize("path", ["ours", "ours (kernels)"])
 @pytest.mark.parametrize("output", ["Y", "dX", "dW"])
-def test_parity_outputs_within_fp32_summation_noise(parity, output):
-    ours, te = parity["ours"][output], parity["te"][output]
+def test_parity_outputs_within_fp32_summation_noise(parity, output, path):
+    ours, te = parity[path][output], parity["te"][output]
     assert ours.shape == te.shape and ours.dtype == te.dtype, (ours.shape, ours.dtype, te.shape, te.dtype)
     stats = _noise(output, ours, te)
-    print(f"\n[{parity['name']}] {output}: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+    print(f"\n[{parity['name']}] {path} {output}: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
     assert stats["max_rel_err"] <= 2.0 ** -7  # at most ~2 BF16 ulps of the largest value
     assert stats["within_1_bf16_ulp"] >= 0.99
     assert stats["norm_rel_err"] <= 2.0 ** -9
