@@ -21,10 +21,6 @@ from quant import Recipe, numerics, nvfp4
 from quant.functional import conv_weight_matrix
 from quant.modules import QUANTIZED_TYPES
 
-# E4M3 (float8_e4m3fn) has exponent bias 7, so its smallest normal value is 2^(1-7); scales below it (and above 0)
-# are subnormal. Asked of quant as a named constant (see the analysis report); until then it is stated here once.
-_E4M3_MIN_NORMAL = 2.0 ** -6
-
 REFERENCE_WEIGHT_TILE = Recipe().weight_tile  # TE's default NVFP4 weight recipe: 16x16 tiles, round-to-nearest
 
 # Module classes whose weight is a GEMM operand; the first of these in a module's MRO names its "module type".
@@ -138,7 +134,7 @@ def _decode_nvfp4(raw: torch.Tensor, q: nvfp4.NVFP4Tensor, description: str) -> 
         max_grid_magnitude=max(abs(v) for v in code_grid_values()),
         scale_bytes=scale_bytes.reshape(-1),
         scale_values=scale_values.reshape(-1),
-        scale_subnormal=((scale_values > 0) & (scale_values < _E4M3_MIN_NORMAL)).reshape(-1),
+        scale_subnormal=((scale_values > 0) & (scale_values < numerics.E4M3_MIN_NORMAL)).reshape(-1),
     )
 
 

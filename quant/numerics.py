@@ -25,6 +25,7 @@ from torch import Tensor
 FLT_MAX = float(torch.finfo(torch.float32).max)
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 2.0 ** -6  # exponent bias 7: 2^(1-7); nonzero magnitudes below it are subnormal
 E5M2_MAX = 57344.0
 
 # Magnitudes of the 8 non-negative E2M1 codes (code = sign << 3 | magnitude index), SPEC 2.

@@ -209,3 +209,9 @@ def test_nibble_packing_orders():
     assert numerics.pack_nibbles(codes, high_first=True).tolist() == [[0x12, 0x34, 0x50]]
     assert numerics.unpack_nibbles(low_first)[:, :5].tolist() == codes.tolist()
     assert numerics.unpack_nibbles(numerics.pack_nibbles(codes, True), True)[:, :5].tolist() == codes.tolist()
+
+
+def test_e4m3_smallest_normal_is_torchs():
+    # analysis counts scales below it as subnormal; torch's finfo is the independent reference
+    assert numerics.E4M3_MIN_NORMAL == torch.finfo(torch.float8_e4m3fn).smallest_normal
+    assert numerics.e4m3_decode(torch.tensor([0x08], dtype=torch.uint8)).item() == numerics.E4M3_MIN_NORMAL
