@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -321,7 +321,7 @@ class PackedLayer:
 
 @dataclass
 class ExportedModel:
-    """What ``load`` returns besides the metadata: the packed layers and every other tensor (as stored)."""
+    """What ``read`` returns besides the metadata: the packed layers and every other tensor (as stored)."""
 
     layers: dict[str, PackedLayer]
     tensors: dict[str, Tensor]
@@ -446,7 +446,7 @@ def _parse_layer(name: str, meta: dict[str, Any], where: str) -> tuple[dict[str,
     return meta, spec
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[ExportedModel, dict[str, Any]]:
+def read(path: str | Path, device: str | torch.device = "cpu") -> tuple[ExportedModel, dict[str, Any]]:
     """Read an export: (packed layers + other tensors, metadata). Never executes code from the file.
 
     The metadata dict holds ``format_version``, ``other_dtype``, ``config`` (what ``save`` was given) and ``layers``
@@ -556,3 +556,41 @@ def load_into(model: nn.Module, exported: ExportedModel) -> nn.Module:
                                  f"model's is {_dtype_name(target.dtype)} {list(target.shape)}")
             target.copy_(source)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rebuilding the model
+# ---------------------------------------------------------------------------------------------------------------------
+# quant cannot import the application's model zoo, so applications register how to build the (unquantized)
+# architecture from the ``config`` they gave ``save``; ``load`` looks the builder up by the name in
+# ``config["architecture"]``. A name is data: nothing named in a file is imported or executed.
+ARCHITECTURES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {}
+
+
+def register_architecture(name: str, build: Callable[[dict[str, Any]], nn.Module]) -> None:
+    """Let ``load`` rebuild files whose ``config["architecture"]["name"]`` is ``name``: ``build(config)`` returns the
+    freshly built, unquantized model the file was exported from."""
+    ARCHITECTURES[name] = build
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The exported inference model, rebuilt: its quantized layers keep the packed 4-bit weights and decode them in
+    forward (``quant.inference``), every other tensor comes from the file; in eval mode on ``device``.
+
+    The architecture comes from the builder registered under the file's ``config["architecture"]["name"]``
+    (``register_architecture``); ``read`` + ``load_into`` do the same with a model you build yourself."""
+    exported, metadata = read(path, device)
+    where = f"export file {path}"
+    architecture = metadata["config"].get("architecture")
+    if not isinstance(architecture, dict) or not isinstance(architecture.get("name"), str):
+        raise QuantError(f"{where} names no architecture (config['architecture']['name']); build the model yourself "
+                         "and call quant.export.load_into(model, quant.export.read(path)[0])")
+    name = architecture["name"]
+    if name not in ARCHITECTURES:
+        hint = architecture.get("register_with")
+        raise QuantError(f"{where}: no builder is registered for architecture {name!r} (registered: "
+                         f"{', '.join(sorted(ARCHITECTURES)) or 'none'}); register one with "
+                         f"quant.export.register_architecture({name!r}, build)"
+                         + (f" ({name}: {hint})" if isinstance(hint, str) else ""))
+    model = ARCHITECTURES[name](metadata["config"])
+    return load_into(model, exported).to(device).eval()

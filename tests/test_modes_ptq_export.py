@@ -13,15 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import quant.export
+
 from conf.errors import ConfigError, UserError
+from quant import inference
 from quant.errors import QuantError
 from tests.conftest import REPO, compose_config
 from tests.tiny import overrides
 from trainers.app import run, validate
 from trainers.job import Job
 from trainers.modes import MODES
+from trainers.modes.ptq import load_weights
 
 
 def _summary(folder: Path) -> dict:
@@ -74,6 +79,35 @@ def test_ptq_export_eval_chain(cfg_factory, baseline, tmp_path):
             assert evaluated["metrics"] == ptq["metrics"]
         else:
             assert evaluated["metrics"]["test/miou"] == pytest.approx(ptq["metrics"]["test/miou"], abs=0.02)
+
+
+def test_quant_export_load_rebuilds_the_packed_model_from_the_file_alone(cfg_factory, baseline, tmp_path):
+    cfg = cfg_factory(*overrides("unet"), "quant=nvfp4", "mode=export", f"ckpt_path={baseline}",
+                      "export.other_dtype=float32", f"paths.output_dir={tmp_path / 'export'}")
+    run(cfg)
+    path = tmp_path / "export" / "model.safetensors"
+    rebuilt = quant.export.load(path)  # architecture from the file's config, through the builder fp4lab registered
+    assert set(inference.packed_modules(rebuilt)) and not rebuilt.training
+    # the reference: the same checkpoint built by the app and fake-quantized with the same policy (FP32 elsewhere)
+    job = _job(cfg)
+    datamodule = job.build_datamodule()
+    fake_quantized = job.build_model(datamodule.info)
+    load_weights(fake_quantized, baseline)
+    job.apply_policy(fake_quantized)
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(image)["semantic"], fake_quantized.eval()(image)["semantic"])
+
+
+def test_quant_export_load_names_what_it_cannot_rebuild(cfg_factory, baseline, tmp_path, monkeypatch):
+    run(cfg_factory(*overrides("unet"), "quant=nvfp4", "mode=export", f"ckpt_path={baseline}",
+                    f"paths.output_dir={tmp_path / 'export'}"))
+    path = tmp_path / "export" / "model.safetensors"
+    monkeypatch.setattr(quant.export, "ARCHITECTURES", {})
+    with pytest.raises(QuantError, match=r"no builder is registered for architecture 'fp4lab' \(registered: none\); "
+                                         r"register one with quant.export.register_architecture\('fp4lab', build\) "
+                                         r"\(fp4lab: import trainers.modes\)"):
+        quant.export.load(path)
 
 
 def test_export_in_another_format_is_weight_only_ptq_of_a_bf16_model(cfg_factory, baseline, tmp_path):

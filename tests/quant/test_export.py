@@ -90,7 +90,7 @@ def test_export_load_round_trip_is_bit_exact_for_codes_and_scales(tmp_path, name
     inference.pack(packed)
     path = tmp_path / "m.safetensors"
     export.save(net, path, config={"model": "Net"}, other_dtype=torch.float32)
-    state, meta = export.load(path)
+    state, meta = export.read(path)
     assert meta["config"] == {"model": "Net"} and set(state.layers) == {"conv", "up", "fc"}
     for layer, module in inference.packed_modules(packed).items():
         original = module.quantizer.weight_buffers()
@@ -107,7 +107,7 @@ def test_export_load_round_trip_is_bit_exact_for_codes_and_scales(tmp_path, name
 def test_bf16_storage_of_other_tensors_equals_the_fake_quant_model_with_those_tensors_rounded(tmp_path):
     net = quantized_net(POLICIES["nvfp4"])
     export.save(net, tmp_path / "m.safetensors")  # default: BF16 for everything that is not a packed weight
-    state, meta = export.load(tmp_path / "m.safetensors")
+    state, meta = export.read(tmp_path / "m.safetensors")
     assert meta["other_dtype"] == "bfloat16" and state.tensors["norm.weight"].dtype == torch.bfloat16
     rebuilt = export.load_into(Net(), state).eval()
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_file_size_is_within_two_percent_of_the_theoretical_bits(tmp_path, polic
     assert summary.packed_bytes == theory(n, k)
     assert summary.bits_per_weight == pytest.approx(8 * theory(n, k) / (n * k))
     assert summary.bf16_state_bytes == 2 * (n * k + n)
-    state, _ = export.load(tmp_path / "m.safetensors")
+    state, _ = export.read(tmp_path / "m.safetensors")
     rebuilt = export.load_into(nn.Sequential(nn.Linear(k, n)), state)
     memory = inference.weight_memory(rebuilt)
     assert (memory.packed_bytes, memory.bf16_bytes, memory.elements) == (theory(n, k), 2 * n * k, n * k)
@@ -160,7 +160,7 @@ def test_nvfp4_file_holds_te_layout_and_metadata(tmp_path):
     assert torch.equal(raw["fc.weight.codes"], q.codes) and torch.equal(raw["fc.weight.scales"], q.scales)
     assert raw["fc.weight.amax"].dtype == torch.float32 and raw["fc.weight.amax"].shape == ()
     assert "fc.weight" not in raw and raw["fc.bias"].dtype == torch.bfloat16
-    _, meta = export.load(tmp_path / "m.safetensors")
+    _, meta = export.read(tmp_path / "m.safetensors")
     fc = meta["layers"]["fc"]
     assert fc["options"] == {"tile": [16, 16]} and fc["matrix_shape"] == [96, 32] and fc["weight_dtype"] == "float32"
     assert fc["roles"] == ["weight", "input", "grad"] and fc["recipe"]["backward"] == "full"
@@ -203,10 +203,10 @@ def test_truncated_file_names_the_tensor_it_cuts(exported):
     last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     exported.write_bytes(raw[:-5])
     with pytest.raises(QuantError, match=f"tensor '{last}' needs bytes .* the file is truncated"):
-        export.load(exported)
+        export.read(exported)
     exported.write_bytes(raw[:6])
     with pytest.raises(QuantError, match="too short"):
-        export.load(exported)
+        export.read(exported)
 
 
 def test_a_flipped_byte_names_the_corrupted_tensor(exported):
@@ -216,7 +216,7 @@ def test_a_flipped_byte_names_the_corrupted_tensor(exported):
     raw[8 + length + begin + 3] ^= 0x10
     exported.write_bytes(bytes(raw))
     with pytest.raises(QuantError, match="tensor 'up.weight.scales' does not match its SHA-256"):
-        export.load(exported)
+        export.read(exported)
 
 
 def test_a_garbled_header_is_a_clear_error(exported):
@@ -224,12 +224,12 @@ def test_a_garbled_header_is_a_clear_error(exported):
     raw[8] = ord("[")
     exported.write_bytes(bytes(raw))
     with pytest.raises(QuantError, match="header is not valid UTF-8 JSON"):
-        export.load(exported)
+        export.read(exported)
     raw[8] = ord("{")
     raw[10:22] = b'__x_etadata_'  # renames __metadata__: its object becomes a malformed tensor entry
     exported.write_bytes(bytes(raw))
     with pytest.raises(QuantError, match="tensor '__x_etadata_' has a malformed header entry"):
-        export.load(exported)
+        export.read(exported)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -250,16 +250,16 @@ def test_a_garbled_header_is_a_clear_error(exported):
 def test_mismatched_metadata_is_a_clear_error_naming_the_tensor_or_layer(exported, mutate, message):
     _rewrite_header(exported, mutate)
     with pytest.raises(QuantError, match=message):
-        export.load(exported)
+        export.read(exported)
 
 
 def test_loading_into_another_architecture_names_the_mismatch(exported):
-    state, _ = export.load(exported)
+    state, _ = export.read(exported)
     other = Net()
     other.fc = nn.Linear(32, 48)
     with pytest.raises(QuantError, match=r"fc: packed weight has shape \[96, 32\] but the module's weight is \[48"):
         export.load_into(other, state)
-    state, _ = export.load(exported)
+    state, _ = export.read(exported)
     other = Net()
     other.extra = nn.Linear(4, 4)
     with pytest.raises(QuantError, match="missing 'extra.bias'"):
@@ -281,11 +281,11 @@ def test_loading_never_executes_code_from_the_file(tmp_path, monkeypatch):
     path.write_bytes(pickle.dumps(_Payload()))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the export path must never call torch.load"))
     with pytest.raises(QuantError, match="evil.safetensors"):
-        export.load(path)
+        export.read(path)
     assert not Path(MARKER).exists()
     good = tmp_path / "good.safetensors"
     export.save(quantized_net(POLICIES["nf4_dq"]), good)
-    export.load_into(Net(), export.load(good)[0])  # a valid file loads with torch.load unavailable
+    export.load_into(Net(), export.read(good)[0])  # a valid file loads with torch.load unavailable
 
 
 # ---- inference-only behaviour ---------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_mxfp4_file_decodes_with_the_format_module(tmp_path):
 def test_loaded_model_on_cuda_equals_the_fake_quantized_model_on_cuda(tmp_path, name):
     net = quantized_net(POLICIES[name])
     export.save(net, tmp_path / "m.safetensors", other_dtype=torch.float32)
-    rebuilt = export.load_into(Net(), export.load(tmp_path / "m.safetensors", device="cuda")[0]).eval()
+    rebuilt = export.load_into(Net(), export.read(tmp_path / "m.safetensors", device="cuda")[0]).eval()
     net.cuda()
     x = torch.randn(2, 32, 8, 8, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -23,7 +23,7 @@ from trainers.modes.ptq import evaluate, require_checkpoint
 def eval_export(job: Job) -> float | None:
     started = time.perf_counter()
     path = require_checkpoint(job, ".safetensors", "a .safetensors file written by mode=export")
-    exported, metadata = quant.export.load(path)
+    exported, metadata = quant.export.read(path)
     file_job = config_from_export(job, metadata["config"], f"export file {path}")
     datamodule = file_job.build_datamodule()
     info = datamodule.info

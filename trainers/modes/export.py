@@ -16,11 +16,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 import quant
 import quant.export
 from conf.errors import ConfigError, UserError
 from conf.schemas.quant import QuantConfig
+from data.info import DataInfo
+from models import build_model
 from trainers.job import Job
 from trainers.modes import MODES
 from trainers.modes.ptq import load_weights, require_checkpoint
@@ -28,6 +31,7 @@ from trainers.modes.ptq import load_weights, require_checkpoint
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "model.safetensors"
+ARCHITECTURE = "fp4lab"  # the quant.export.register_architecture name of this application's models
 _GROUPS = ("model", "data")
 
 
@@ -40,14 +44,36 @@ def schema_name(group: str, typed: Any) -> str:
     raise ConfigError(f"{group} config of type {type(typed).__name__} is not a registered schema")
 
 
-def export_config(job: Job, quant_cfg: QuantConfig, source: Path) -> dict[str, Any]:
-    """What ``mode=eval`` needs to rebuild and evaluate the exported model (JSON-serialisable)."""
+def export_config(job: Job, quant_cfg: QuantConfig, source: Path, info: DataInfo) -> dict[str, Any]:
+    """What ``mode=eval`` and ``quant.export.load`` need to rebuild (and evaluate) the exported model (JSON)."""
     typed = job.typed
     groups = {group: {"schema": schema_name(group, getattr(typed, group)),
                       "values": dataclasses.asdict(getattr(typed, group))} for group in _GROUPS}
     return {"run_name": typed.run_name, "experiment": typed.experiment_name, "seed": typed.seed,
             "monitor": typed.monitor, "source_checkpoint": str(source), **groups,
-            "quant": {"schema": "quant", "values": dataclasses.asdict(quant_cfg)}}
+            "quant": {"schema": "quant", "values": dataclasses.asdict(quant_cfg)},
+            "architecture": {"name": ARCHITECTURE, "register_with": "import trainers.modes"},
+            "data_info": dataclasses.asdict(info)}
+
+
+def rebuild_model(config: dict[str, Any]) -> nn.Module:
+    """The unquantized model an fp4lab export was made from, built from its ``model`` config and ``data_info`` (the
+    data set's facts at export time), without reading the data set: ``quant.export.load``'s builder for fp4lab."""
+    where = "fp4lab export config"
+    model_cfg = _typed_group("model", config.get("model"), where)
+    facts = config.get("data_info")
+    if not isinstance(facts, dict):
+        raise UserError(f"{where}: no 'data_info' (exported by an older version?); use mode=eval, which rebuilds the "
+                        "data set to learn its facts")
+    names = {f.name for f in dataclasses.fields(DataInfo)}
+    unknown = sorted(set(facts) - names)
+    if unknown:
+        raise UserError(f"{where}: data_info has unknown field {unknown[0]!r}; valid: {', '.join(sorted(names))}")
+    info = DataInfo(**{key: tuple(value) if isinstance(value, list) else value for key, value in facts.items()})
+    return build_model(model_cfg, info)
+
+
+quant.export.register_architecture(ARCHITECTURE, rebuild_model)
 
 
 def _typed_group(group: str, entry: object, where: str) -> Any:
@@ -94,7 +120,7 @@ def export_checkpoint(job: Job, ckpt: Path, path: Path) -> quant.export.ExportSu
     model = job.build_model(datamodule.info)
     load_weights(model, ckpt)
     job.apply_policy(model, policy)
-    return quant.export.save(model, path, config=export_config(job, quant_cfg, ckpt),
+    return quant.export.save(model, path, config=export_config(job, quant_cfg, ckpt, datamodule.info),
                              other_dtype=quant.export.OTHER_DTYPES[export_cfg.other_dtype])
 
 
