@@ -77,6 +77,19 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def vector_weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers whose weight is a vector (GroupNorm, LayerNorm, RMSNorm scales), in model order, shared weights once:
+    never quantized, but their gradients belong to the gradient telemetry of every layer."""
+    seen: set[int] = set()
+    layers = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 1 and id(weight) not in seen:
+            seen.add(id(weight))
+            layers.append((name, module))
+    return layers
+
+
 def gemm_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (the weight or its gradient, in the weight's layout) as the forward GEMM operand [out, K].
 

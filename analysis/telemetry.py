@@ -14,7 +14,7 @@ kind           folder                        what
 prequantize    weights/prequantize/          the weight as trained (every layer with a >= 2-D weight)
 quantized      weights/quantized/            its NVFP4 codes and E4M3 block scales (NVFP4-quantized weights)
 dequantized    weights/dequantized/          the decoded weight and its error (every quantized weight)
-gradients      gradients/                    the weight gradient after AMP unscaling (every layer)
+gradients      gradients/                    the weight gradient after AMP unscaling (every layer; norm scales too)
 =============  ============================  =================================================================
 
 Per step each folder gets ``layer_stats_step<N>`` (layers x statistics; colours scaled per column, values in the
@@ -136,6 +136,12 @@ class Telemetry:
                     if crop:
                         result.crops[("gradients", name)] = {"gradient": snapshot(g[:side, :side])}
                         result.histogram_values[("gradients", name)] = snapshot(g.reshape(-1))
+            for name, module in quant_state.vector_weight_layers(model) if gradients else ():
+                grad = module.weight.grad
+                if grad is not None:  # a norm's scale vector [C], as one row [1, C]
+                    g = grad.detach().to(torch.float32).reshape(1, -1)
+                    result.rows.append(self._row(step, "gradients", name, type(module).__name__,
+                                                 stats.tensor_stats(g)))
         return result
 
     def _collect_weight(self, result: StepResult, name: str, kind_type: str, module: nn.Module, crop: bool,

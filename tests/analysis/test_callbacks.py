@@ -119,3 +119,20 @@ def test_format_without_codes_gets_error_statistics_only(tmp_path: Path, analysi
     rows = [r for r in cb.history if r["kind"] == "dequantized"]
     assert {r["layer"] for r in rows} == set(report.quantized_names())
     assert all(math.isfinite(r["snr_db"]) and r["snr_db"] > 5 for r in rows)
+
+
+def test_gradients_cover_norm_scales_too(tmp_path: Path, analysis_cfg) -> None:
+    from scipy.stats import kurtosis
+    from torch import nn
+
+    from analysis.telemetry import Telemetry
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    model(torch.randn(8, 16)).square().mean().backward()
+    telemetry = Telemetry(analysis_cfg(max_image_layers=0), output_dir=tmp_path, run_name="r")
+    rows = {r["layer"]: r for r in telemetry.collect(model, 0, weights=False).rows if r["kind"] == "gradients"}
+    assert set(rows) == {"0", "1", "2"} and rows["1"]["type"] == "LayerNorm"
+    g = model[1].weight.grad.double()  # float64 reference of the norm scale's gradient
+    assert math.isclose(rows["1"]["rms"], float(g.square().mean().sqrt()), rel_tol=1e-6)
+    assert math.isclose(rows["1"]["kurtosis"], float(kurtosis(g.numpy(), fisher=True, bias=True)), rel_tol=1e-6)
