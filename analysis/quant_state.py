@@ -13,6 +13,7 @@ reference quantization of unquantized layers uses round-to-nearest with TE's def
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,29 +66,28 @@ def base_type(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers with a weight of 2 or more dims (Linear, Conv*, Embedding, ...), in model order, shared weights once."""
+def _layers_by_weight_rank(model: nn.Module, keep: Callable[[int], bool]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the modules whose ``weight`` Parameter has a dim count ``keep`` accepts, in model order, each
+    shared weight once."""
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() >= 2 and id(weight) not in seen:
+        if isinstance(weight, nn.Parameter) and keep(weight.dim()) and id(weight) not in seen:
             seen.add(id(weight))
             layers.append((name, module))
     return layers
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers with a weight of 2 or more dims (Linear, Conv*, Embedding, ...), in model order, shared weights once."""
+    return _layers_by_weight_rank(model, lambda dims: dims >= 2)
 
 
 def vector_weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Layers whose weight is a vector (GroupNorm, LayerNorm, RMSNorm scales), in model order, shared weights once:
     never quantized, but their gradients belong to the gradient telemetry of every layer."""
-    seen: set[int] = set()
-    layers = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() == 1 and id(weight) not in seen:
-            seen.add(id(weight))
-            layers.append((name, module))
-    return layers
+    return _layers_by_weight_rank(model, lambda dims: dims == 1)
 
 
 def gemm_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
