@@ -15,8 +15,9 @@ never ``torch.load``), by tools other than fp4lab, and it must say how to decode
 * Every other tensor of the state dict in ``other_dtype`` (BF16 by default; non-float tensors as they are).
 * The header's ``__metadata__`` (string -> string, JSON-encoded values): ``fp4lab.format_version``;
   ``fp4lab.layer.<name>`` per quantized layer (module type, format, weight and matrix shapes, weight dtype, matrix
-  layout, packing order, format options, the layer format's options, recipe and quantized roles, and which file
-  tensors hold it); ``fp4lab.sha256`` (tensor name -> SHA-256 of its bytes); ``fp4lab.other_dtype``;
+  layout, packing order, format options, the layer format's options, recipe and quantized roles, the formats of the
+  roles quantized otherwise than the weight (``role_formats``, e.g. W4A8's FP8 input), and which file tensors hold
+  it); ``fp4lab.sha256`` (tensor name -> SHA-256 of its bytes); ``fp4lab.other_dtype``;
   ``fp4lab.other_tensors`` (the names of the unpacked tensors); ``fp4lab.config`` (whatever the caller passes, e.g.
   the model/data config to rebuild the architecture).
 
@@ -24,6 +25,10 @@ Loading validates before it trusts: the 8-byte header length against the file si
 tensor's dtype, shape and byte range (a truncated file names the first tensor it cuts), every metadata field's type,
 each layer's tensors against the shapes its metadata implies, and each tensor's SHA-256 (a flipped byte names the
 tensor). Every problem is a ``QuantError`` naming the file and the tensor or layer.
+
+Format versions: ``1`` is every file whose layers quantize all roles in the weight's format; ``2`` adds per-role
+formats (``role_formats`` in a layer's metadata, from ``Policy.role_overrides``). A file is written as version 2 only
+when a layer has them, so a version-1 reader refuses it instead of quantizing the activations in the weight's format.
 """
 from __future__ import annotations
 
@@ -55,7 +60,9 @@ from quant.layer_formats import ROLES
 from quant.modules import quantized_modules
 from quant.recipe import Recipe
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # written when no layer has per-role formats
+ROLE_FORMATS_VERSION = "2"  # written when some layer has them (``role_formats``)
+READABLE_VERSIONS = (FORMAT_VERSION, ROLE_FORMATS_VERSION)
 KEY_VERSION = "fp4lab.format_version"
 KEY_LAYER = "fp4lab.layer."
 KEY_SHA256 = "fp4lab.sha256"
@@ -222,11 +229,19 @@ def _layer_meta(name: str, module: nn.Module, spec: WeightSpec, quantizer: Layer
         "matrix_layout": _MATRIX_LAYOUT[module_type],
         "packing": codec(spec.format).packing,
         "options": dict(spec.options),
-        "layer_options": quantizer.format.options(),
+        "layer_options": quantizer.format_of("weight").options(),
         "recipe": {f.name: getattr(quantizer.recipe, f.name) for f in fields(Recipe)},
         "roles": [role for role in ROLES if role in quantizer.roles],
+        "role_formats": _role_formats_meta(quantizer),
         "tensors": _file_names(name, spec),
     }
+
+
+def _role_formats_meta(quantizer: LayerQuantizer) -> dict[str, dict[str, Any]]:
+    """Role -> {"format", "options"} of every quantized role whose format is not the weight's."""
+    weight = quantizer.format_of("weight")
+    return {role: {"format": fmt.name, "options": fmt.options()}
+            for role, fmt in quantizer.quantized_formats().items() if fmt != weight}
 
 
 def _sha256(tensor: Tensor) -> str:
@@ -247,7 +262,9 @@ def save(model: nn.Module, path: str | Path, *, config: dict[str, Any] | None = 
         raise QuantError("export: the model has no quantized layer; apply a policy first (quant.apply)")
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
-    metadata = {"format": "pt", KEY_VERSION: FORMAT_VERSION, KEY_OTHER_DTYPE: _dtype_name(other_dtype)}
+    per_role = any(_role_formats_meta(module.quantizer) for module in layers.values())
+    version = ROLE_FORMATS_VERSION if per_role else FORMAT_VERSION
+    metadata = {"format": "pt", KEY_VERSION: version, KEY_OTHER_DTYPE: _dtype_name(other_dtype)}
     packed_keys: set[str] = set()
     by_format: dict[str, dict[str, float]] = {}
     for name, module in layers.items():
@@ -312,11 +329,25 @@ class PackedLayer:
     recipe: Recipe
     roles: frozenset[str]
     buffers: dict[str, Tensor]
+    role_formats: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> {format, options} (not weight's)
 
     def quantizer(self) -> LayerQuantizer:
-        """The layer's quantizer as in the exported QAT model (format, options, recipe, roles)."""
-        return LayerQuantizer(self.name, layer_formats.get(self.spec.format, self.layer_options), self.recipe,
-                              self.roles, seed=0)
+        """The layer's quantizer as in the exported QAT model (format of each role, options, recipe, roles)."""
+        return _layer_quantizer(self.name, self.spec.format, self.layer_options, self.recipe, self.roles,
+                                self.role_formats)
+
+
+def _layer_quantizer(name: str, weight_format: str, layer_options: dict[str, Any], recipe: Recipe,
+                     roles: frozenset[str], role_formats: dict[str, dict[str, Any]]) -> LayerQuantizer:
+    """A layer's quantizer from its metadata: the weight's format for every role without an entry in
+    ``role_formats``."""
+    own = {role: layer_formats.get(spec["format"], spec["options"]) for role, spec in role_formats.items()}
+    for role, fmt in own.items():
+        if role not in fmt.roles:
+            raise QuantError(f"role_formats.{role}: format {fmt.name} cannot quantize the {role} role (it quantizes "
+                             f"{', '.join(fmt.roles)})")
+    return LayerQuantizer(name, layer_formats.get(weight_format, layer_options), recipe, roles, seed=0,
+                          role_formats=own)
 
 
 @dataclass
@@ -431,9 +462,10 @@ def _parse_layer(name: str, meta: dict[str, Any], where: str) -> tuple[dict[str,
         raise QuantError(f"{where}: roles={meta['roles']!r}; valid: a subset of {', '.join(ROLES)} with weight")
     spec = WeightSpec(format=meta["format"], matrix_shape=matrix, weight_shape=weight_shape,
                       dtype=dtypes[meta["weight_dtype"]], options=tuple(sorted(meta["options"].items())))
+    role_formats = _parse_role_formats(meta, where)
     try:
-        layer_format = layer_formats.get(spec.format, meta["layer_options"])
-        quantizer = LayerQuantizer(name, layer_format, Recipe(**meta["recipe"]), frozenset(meta["roles"]), seed=0)
+        quantizer = _layer_quantizer(name, spec.format, meta["layer_options"], Recipe(**meta["recipe"]),
+                                     frozenset(meta["roles"]), role_formats)
     except (QuantError, TypeError) as exc:
         raise QuantError(f"{where}: metadata does not describe a valid layer format or recipe: {exc}") from None
     implied = dict(sorted(weight_codec.quantize_options(quantizer).items()))
@@ -446,6 +478,25 @@ def _parse_layer(name: str, meta: dict[str, Any], where: str) -> tuple[dict[str,
     return meta, spec
 
 
+def _parse_role_formats(meta: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The layer's optional ``role_formats`` (absent in version-1 files), checked: quantized roles other than the
+    weight, each {"format": str, "options": dict}. The formats and options themselves are checked when the layer's
+    quantizer is built."""
+    value = meta.get("role_formats", {})
+    if not isinstance(value, dict):
+        raise QuantError(f"{where}: metadata 'role_formats'={value!r} must be a JSON dict")
+    for role, spec in value.items():
+        if role not in meta["roles"] or role == "weight":
+            valid = [r for r in meta["roles"] if r != "weight"]
+            raise QuantError(f"{where}: role_formats has role {role!r}; valid: quantized roles other than the weight "
+                             f"({', '.join(valid) or 'none'})")
+        if not (isinstance(spec, dict) and set(spec) == {"format", "options"} and isinstance(spec["format"], str)
+                and isinstance(spec["options"], dict)):
+            raise QuantError(f"{where}: role_formats.{role}={spec!r} must be a JSON dict with a string 'format' and "
+                             "a dict 'options'")
+    return value
+
+
 def read(path: str | Path, device: str | torch.device = "cpu") -> tuple[ExportedModel, dict[str, Any]]:
     """Read an export: (packed layers + other tensors, metadata). Never executes code from the file.
 
@@ -455,9 +506,10 @@ def read(path: str | Path, device: str | torch.device = "cpu") -> tuple[Exported
     path = Path(path)
     where = f"export file {path}"
     header, raw_meta = _read_header(path)
-    if raw_meta.get(KEY_VERSION) != FORMAT_VERSION:
-        raise QuantError(f"{where}: {KEY_VERSION}={raw_meta.get(KEY_VERSION)!r}; this reader understands "
-                         f"{FORMAT_VERSION!r} (is it an fp4lab export?)")
+    version = raw_meta.get(KEY_VERSION)
+    if version not in READABLE_VERSIONS:
+        raise QuantError(f"{where}: {KEY_VERSION}={version!r}; this reader understands "
+                         f"{', '.join(map(repr, READABLE_VERSIONS))} (is it an fp4lab export?)")
     other_name = raw_meta.get(KEY_OTHER_DTYPE)
     if other_name not in OTHER_DTYPES:
         raise QuantError(f"{where}: {KEY_OTHER_DTYPE}={other_name!r}; valid: {', '.join(OTHER_DTYPES)}")
@@ -486,7 +538,7 @@ def read(path: str | Path, device: str | torch.device = "cpu") -> tuple[Exported
         claimed |= set(meta["tensors"])
         layers[name] = PackedLayer(name=name, module_type=meta["module"], spec=specs[name],
                                    layer_options=meta["layer_options"], recipe=Recipe(**meta["recipe"]),
-                                   roles=frozenset(meta["roles"]),
+                                   roles=frozenset(meta["roles"]), role_formats=meta.get("role_formats", {}),
                                    buffers={k: v.to(device) for k, v in buffers.items()})
     if not layers:
         raise QuantError(f"{where}: no '{KEY_LAYER}<name>' entry in the header metadata; nothing is quantized")
@@ -502,7 +554,7 @@ def read(path: str | Path, device: str | torch.device = "cpu") -> tuple[Exported
         if tensor.is_floating_point() and tensor.dtype != OTHER_DTYPES[other_name]:
             raise QuantError(f"{where}: tensor '{name}' is {_dtype_name(tensor.dtype)} but {KEY_OTHER_DTYPE} says "
                              f"{other_name}")
-    metadata = {"format_version": FORMAT_VERSION, "other_dtype": other_name, "config": config, "layers": layer_meta}
+    metadata = {"format_version": version, "other_dtype": other_name, "config": config, "layers": layer_meta}
     return ExportedModel(layers=layers, tensors=others, other_dtype=OTHER_DTYPES[other_name]), metadata
 
 

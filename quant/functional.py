@@ -5,8 +5,9 @@ GEMMs' operands *differently* (dY with stochastic rounding, RHT on the wgrad ope
 along N without 2D tiles), which no straight-through composition reproduces. Each backward mode (``Recipe.backward``)
 decides what the two backward GEMMs multiply:
 
-* ``full``: every operand is quantized for its own GEMM (slots of ``quant.layer_formats``); with NVFP4 on both
-  sides the GEMM runs on scaled codes times TE's alpha (``quant.gemm``).
+* ``full``: every operand is quantized for its own GEMM (slots of ``quant.layer_formats``), in the format of its
+  role; with NVFP4 on both sides the GEMM runs on scaled codes times TE's alpha, with two different formats (per-role
+  formats, e.g. NVFP4 W and FP8 X) on the dequantized operands with FP32 accumulation (``quant.gemm``).
 * ``dequantized``: dgrad ``dX = dY W_hat`` and wgrad ``dW = dY^T X_hat`` with the forward's dequantized operands
   and an unquantized dY, in the compute dtype (TE ``backward_override="dequantized"``).
 * ``high_precision``: the original X and W in the compute dtype (TE ``backward_override="high_precision"``).
@@ -43,6 +44,7 @@ the RHT (zero tokens add nothing to dW and the RHT cancels between the two equal
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,6 +88,10 @@ class LayerQuantizer:
     """The quantization state of one layer: format, recipe, quantized roles, its stochastic-rounding stream and how
     its activation and gradient amax are shared across data-parallel ranks (``quant.distributed``).
 
+    ``format`` quantizes every role that has no entry in ``role_formats`` (role -> ``LayerFormat``, from
+    ``Policy.role_overrides``); each operand slot asks ``format_of`` its role. The recipe's NVFP4 switches act on the
+    roles whose format is NVFP4 (weight tiles, SR of dY, and the wgrad RHT when dY^T and X^T are both NVFP4).
+
     Stochastic rounding has one stream per layer, seeded with ``distributed.rank_seed(seed, rank)`` (``seed`` on rank
     0 and without a process group), in one of two forms that follow the device:
 
@@ -106,9 +112,14 @@ class LayerQuantizer:
     """
 
     def __init__(self, name: str, fmt: LayerFormat, recipe: Recipe, roles: frozenset[str], seed: int,
-                 amax_reduction: str = "none") -> None:
+                 amax_reduction: str = "none", role_formats: Mapping[str, LayerFormat] | None = None) -> None:
+        unknown = sorted(set(role_formats or {}) - set(layer_formats.ROLES))
+        if unknown:
+            raise QuantError(f"{name}: role_formats has role {unknown[0]!r}; valid roles: "
+                             f"{', '.join(layer_formats.ROLES)}")
         self.name = name
         self.format = fmt
+        self.role_formats = dict(role_formats or {})
         self.recipe = recipe
         self.roles = frozenset(roles)
         self.seed = int(seed)
@@ -122,21 +133,27 @@ class LayerQuantizer:
     def backward(self) -> str:
         return self.recipe.backward
 
+    def format_of(self, role: str) -> LayerFormat:
+        """The format that quantizes ``role`` (its entry in ``role_formats``, else the layer's ``format``)."""
+        return self.role_formats.get(role, self.format)
+
+    def quantized_formats(self) -> dict[str, LayerFormat]:
+        """Each quantized role -> its format."""
+        return {role: self.format_of(role) for role in layer_formats.ROLES if role in self.roles}
+
     @property
     def wgrad_rht(self) -> bool:
-        """RHT on both wgrad operands: only when the recipe asks and both of them are quantized (else it cancels)."""
-        return (
-            self.format.rht_applies(self.recipe)
-            and self.backward == "full"
-            and {"grad", "input"} <= self.roles
-        )
+        """RHT on both wgrad operands: only when the recipe asks and both of them are quantized in a format that
+        rotates (NVFP4); otherwise it would not cancel (``layer_formats.wgrad_rht``)."""
+        return layer_formats.wgrad_rht(self.quantized_formats(), self.recipe)
 
     def describe_roles(self) -> dict[str, str]:
-        """Role -> what happens to it, e.g. {"weight": "nvfp4 16x16 RN", "input": "-", ...} (for reports)."""
+        """Role -> what happens to it, e.g. {"weight": "nvfp4 16x16 RN", "input": "fp8 e4m3 per-tensor", "grad": "-"}
+        (for reports)."""
         out = {}
         for role in layer_formats.ROLES:
             used = role in self.roles and (role != "grad" or self.backward == "full")
-            out[role] = self.format.describe(role, self.recipe, self.wgrad_rht) if used else "-"
+            out[role] = self.format_of(role).describe(role, self.recipe, self.wgrad_rht) if used else "-"
         return out
 
     def __repr__(self) -> str:
@@ -171,8 +188,9 @@ class LayerQuantizer:
         """Philox (key, counter) of this call's two SR operands, int64 [2, 2] (rows: dgrad dY, wgrad dY^T), and the
         layer's counter advanced past them; None unless this call will round gradients stochastically on the kernel
         path (autograd records it, ``full`` backward, SR on, ``x`` on CUDA with the kernels, no amax reduction)."""
-        if not (track and self.backward == "full" and "grad" in self.roles and self.format.uses_sr(self.recipe)
-                and kernels.enabled_for(x) and self.amax_reduction.reducer() is None):
+        grad_sr = "grad" in self.roles and self.format_of("grad").uses_sr(self.recipe)
+        if not (track and self.backward == "full" and grad_sr and kernels.enabled_for(x)
+                and self.amax_reduction.reducer() is None):
             return None
         if self._philox is None or self._philox.device != x.device:
             self._place_philox(x.device)
@@ -186,7 +204,7 @@ class LayerQuantizer:
     def prime(self, device: torch.device) -> None:
         """Create the kernel path's SR state on ``device`` now. Optional: ``sr_seeds`` creates it on first use, which
         under torch.compile costs one graph break in the first compiled call of each layer (never later)."""
-        if (self.backward == "full" and "grad" in self.roles and self.format.uses_sr(self.recipe)
+        if (self.backward == "full" and "grad" in self.roles and self.format_of("grad").uses_sr(self.recipe)
                 and kernels.enabled_for(torch.empty(0, device=device))):
             self._place_philox(torch.device(device))
 
@@ -252,10 +270,12 @@ class LayerQuantizer:
                 f"{self.name}: compute dtype {dtype} is not supported by quantized layers; valid: float32, bfloat16, "
                 "float16 (not with nvfp4)"
             )
-        if self.format.name == "nvfp4" and dtype == torch.float16:
+        nvfp4_roles = [role for role, fmt in self.quantized_formats().items() if fmt.name == "nvfp4"]
+        if nvfp4_roles and dtype == torch.float16:
             raise QuantError(
-                f"{self.name}: NVFP4 cannot compute in float16 (TE's FP4 GEMM has no FP16 output and its RHT takes "
-                "only BF16 input); run the NVFP4 arm with bfloat16 autocast (precision=bf16-mixed)"
+                f"{self.name}: NVFP4 cannot compute in float16 (NVFP4 roles: {', '.join(nvfp4_roles)}; TE's FP4 GEMM "
+                "has no FP16 output and its RHT takes only BF16 input); run the NVFP4 arm with bfloat16 autocast "
+                "(precision=bf16-mixed)"
             )
         if self.wgrad_rht and dtype != torch.bfloat16 and weight.requires_grad and torch.is_grad_enabled():
             raise QuantError(
@@ -275,21 +295,24 @@ class LayerQuantizer:
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
         role = layer_formats.SLOT_ROLE[slot]
-        draws = role == "grad" and seed is None and self.format.uses_sr(self.recipe)
+        fmt = self.format_of(role)
+        draws = role == "grad" and seed is None and fmt.uses_sr(self.recipe)
         generator = self.generator(x.device) if draws else None
         amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
         request = SlotRequest(slot=slot, name=checks.OwnedName(self._owner, _SLOT_WORDS[slot]), rht=rht,
                               generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype)
-        return self.format.quantize(x, request, self.recipe, compute_dtype)
+        return fmt.quantize(x, request, self.recipe, compute_dtype)
 
     def gemm_operand_dtype(self, role_a: str, role_b: str, dtype: torch.dtype) -> torch.dtype | None:
-        """``dtype`` if both operands of a GEMM (their roles) are quantized, so that the GEMM multiplies scaled codes
-        in ``dtype`` (BF16 for a GEMM, float32 for a convolution); None otherwise."""
-        return dtype if {role_a, role_b} <= self.roles else None
+        """``dtype`` if both operands of a GEMM (their roles) are quantized in the same format, so that the GEMM
+        multiplies scaled codes in ``dtype`` (BF16 for a GEMM, float32 for a convolution); None otherwise (a
+        mixed-format GEMM dequantizes each operand, ``quant.gemm``)."""
+        same_format = self.format_of(role_a).name == self.format_of(role_b).name
+        return dtype if {role_a, role_b} <= self.roles and same_format else None
 
     def reuses_fprop_weight(self) -> bool:
         """Does the dgrad GEMM use the forward's quantized W (relaid) instead of quantizing W^T? (``full`` backward)"""
-        return "weight" in self.roles and self.format.dgrad_weight_is_fprop_weight(self.recipe)
+        return "weight" in self.roles and self.format_of("weight").dgrad_weight_is_fprop_weight(self.recipe)
 
     def kept_for_dgrad(self, fprop_weight: Operand, weight: Tensor) -> Operand | Tensor:
         """What a ``full`` forward saves for the dgrad weight operand: the quantized forward operand when the backward

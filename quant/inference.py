@@ -125,7 +125,7 @@ class MXFP4Codec(WeightCodec):
     packing = "two E2M1 codes per byte, element 2k in the low nibble"
 
     def quantize_options(self, quantizer: LayerQuantizer) -> dict[str, Any]:
-        return {"scale_rule": quantizer.format.scale_rule}
+        return {"scale_rule": quantizer.format_of("weight").scale_rule}
 
     def buffers(self, q: mxfp4.MXFP4Tensor) -> dict[str, Tensor]:
         return {"codes": q.codes, "scales": q.scales}
@@ -146,7 +146,8 @@ class NF4Codec(WeightCodec):
     packing = "bitsandbytes: flattened row-major, two codes per byte, first element in the high nibble"
 
     def quantize_options(self, quantizer: LayerQuantizer) -> dict[str, Any]:
-        return {"blocksize": quantizer.format.blocksize, "double_quant": quantizer.format.double_quant}
+        weight = quantizer.format_of("weight")
+        return {"blocksize": weight.blocksize, "double_quant": weight.double_quant}
 
     def buffers(self, q: nf4.NF4Tensor) -> dict[str, Tensor]:
         if not q.double_quant:
@@ -219,7 +220,7 @@ class PackedQuantizer(LayerQuantizer):
     """
 
     def __init__(self, name: str, base: LayerQuantizer, spec: WeightSpec, buffers: dict[str, Tensor]) -> None:
-        super().__init__(name, base.format, base.recipe, base.roles, base.seed)
+        super().__init__(name, base.format, base.recipe, base.roles, base.seed, role_formats=base.role_formats)
         self.spec = spec
         self.codec = codec(spec.format, name)
         self._module_buffers = buffers
@@ -346,7 +347,7 @@ def quantize_weight(module: nn.Module) -> tuple[WeightSpec, dict[str, Tensor]]:
     if "weight" not in quantizer.roles:
         raise QuantError(f"{quantizer.name}: the policy does not quantize this layer's weight (roles "
                          f"{sorted(quantizer.roles)}); there is nothing to pack; include the weight role")
-    fmt = quantizer.format.name
+    fmt = quantizer.format_of("weight").name
     weight_codec = codec(fmt, quantizer.name)
     options = weight_codec.quantize_options(quantizer)
     with torch.no_grad():

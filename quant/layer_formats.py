@@ -21,9 +21,15 @@ wgrad_input     input  X^T [K, M]     M (tokens)
 
 A format returns either an ``nvfp4.NVFP4Tensor`` (NVFP4: the GEMM then runs on scaled codes, ``quant.gemm``) or a
 tensor of fake-quantized values in the compute dtype (every other format: a BF16/FP32 GEMM on dequantized values).
+
+Each role may have a format of its own (``Policy.role_overrides``, e.g. W4A8: NVFP4 weights, FP8 E4M3 activations):
+every slot asks the format of its role, so each numeric rule still runs from its one format module. A GEMM whose two
+operands come from different formats multiplies them dequantized (an NVFP4 operand decoded with TE's formula), with
+one FP32 contraction and one rounding (``quant.gemm``); the scaled-codes GEMM and TE's alpha need NVFP4 on both sides.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -274,37 +280,47 @@ class FP8Layer(LayerFormat):
         return f"fp8 {self.element_format(role)} per-tensor"
 
 
+def wgrad_rht(role_formats: Mapping[str, LayerFormat], recipe: Recipe) -> bool:
+    """Does the wgrad GEMM rotate both of its operands (dY^T and X^T) with the RHT? ``role_formats``: each quantized
+    role -> its format. Only with ``backward=full`` and when *both* wgrad roles are quantized in a format that applies
+    the recipe's RHT (NVFP4): the RHT cancels only between two rotated operands, so an NVFP4 dY^T next to an FP8 X^T
+    (or an unquantized one) is not rotated."""
+    return recipe.backward == "full" and all(
+        role in role_formats and role_formats[role].rht_applies(recipe) for role in ("grad", "input")
+    )
+
+
 def unsupported_reason(
-    fmt: LayerFormat, roles: frozenset[str], backward: str, in_channels: int, out_channels: int, groups: int,
+    role_formats: Mapping[str, LayerFormat], backward: str, in_channels: int, out_channels: int, groups: int,
     in_name: str = "in_features", out_name: str = "out_features",
 ) -> str | None:
     """Why a layer of this shape cannot be quantized this way (None if it can). Tokens never matter: they are padded.
 
-    in_channels is the fprop reduction dim (K of a linear, Cin of a conv or transposed conv), out_channels the dgrad
-    reduction dim (N, Cout). Blocks must not straddle rows of the implicit GEMM (SPEC 8.5), and TE itself asserts
-    K % 16 == 0 for NVFP4 GEMM operands (SPEC 1.5), so the blocked dims must be multiples of the block length.
+    ``role_formats``: each quantized role -> its format (one format for every role, or per-role formats from
+    ``Policy.role_overrides``); every slot is checked against the blocks of its own role's format. in_channels is the
+    fprop reduction dim (K of a linear, Cin of a conv or transposed conv), out_channels the dgrad reduction dim (N,
+    Cout). Blocks must not straddle rows of the implicit GEMM (SPEC 8.5), and TE itself asserts K % 16 == 0 for NVFP4
+    GEMM operands (SPEC 1.5), so the blocked dims must be multiples of the block length.
     """
     if groups != 1:
         return f"groups={groups}: a grouped or depthwise convolution is not one GEMM; quantized convs need groups=1"
-    if fmt.block <= 1:
-        return None
-    fprop_blocked = any(
-        SLOT_ROLE[slot] in roles for slot in ("fprop_input", "fprop_weight") if slot in fmt.blocked_slots
-    )
-    if fprop_blocked and in_channels % fmt.block:
-        return (
-            f"{in_name}={in_channels} is not a multiple of {fmt.block}: {fmt.name} blocks of {fmt.block} run along "
-            f"the forward GEMM's reduction dim ({in_name})"
-        )
-    dgrad_slots = ["dgrad_grad"] + ([] if fmt.dgrad_weight_from_fprop else ["dgrad_weight"])
-    dgrad_blocked = backward == "full" and any(
-        SLOT_ROLE[slot] in roles for slot in dgrad_slots if slot in fmt.blocked_slots
-    )
-    if dgrad_blocked and out_channels % fmt.block:
-        return (
-            f"{out_name}={out_channels} is not a multiple of {fmt.block}: with backward=full the dgrad GEMM blocks "
-            f"dY and W^T along {out_name}"
-        )
+    weight = role_formats.get("weight")
+    dgrad_slots = ["dgrad_grad"] + ([] if weight is not None and weight.dgrad_weight_from_fprop else ["dgrad_weight"])
+    for slot in ("fprop_input", "fprop_weight", *(dgrad_slots if backward == "full" else ())):
+        fmt = role_formats.get(SLOT_ROLE[slot])
+        if fmt is None or fmt.block <= 1 or slot not in fmt.blocked_slots:
+            continue
+        if slot.startswith("fprop") and in_channels % fmt.block:
+            return (
+                f"{in_name}={in_channels} is not a multiple of {fmt.block}: {fmt.name} blocks of {fmt.block} run "
+                f"along the forward GEMM's reduction dim ({in_name})"
+            )
+        if slot.startswith("dgrad") and out_channels % fmt.block:
+            operand = "dY" if slot == "dgrad_grad" else "W^T"
+            return (
+                f"{out_name}={out_channels} is not a multiple of {fmt.block}: with backward=full the dgrad GEMM blocks "
+                f"{operand} ({fmt.name}) along {out_name}"
+            )
     return None
 
 

@@ -3,9 +3,9 @@
 Why subclasses that keep the parent's parameters: a checkpoint of a quantized model must load into the plain model
 and vice versa (PTQ, resume, comparison runs), and optimizers built before ``quant.apply`` must keep working. So each
 class adds no parameter or buffer: ``from_module`` adopts the original module's ``__dict__`` (the same ``Parameter``
-objects, hooks and flags) and only attaches a ``LayerQuantizer`` (``self.quantizer``), which holds the format, recipe,
-roles and the stochastic-rounding generator. The SR generator's state is not in ``state_dict`` (keys stay those of
-the nn module); ``sr_states`` / ``load_sr_states`` save and restore it for exact resumes.
+objects, hooks and flags) and only attaches a ``LayerQuantizer`` (``self.quantizer``), which holds the format (or one
+per role), recipe, roles and the stochastic-rounding generator. The SR generator's state is not in ``state_dict``
+(keys stay those of the nn module); ``sr_states`` / ``load_sr_states`` save and restore it for exact resumes.
 
 Analysis code reads a layer's quantization through ``quantized_weight`` (the forward GEMM's weight operand) and
 ``dequantized_weight`` (the values the forward multiplies, in the module's weight layout).
@@ -35,15 +35,15 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def shape_problem(module: nn.Module, quantizer: LayerQuantizer) -> str | None:
-    """Why ``module`` cannot be quantized by ``quantizer`` (None if it can): block alignment and groups."""
+    """Why ``module`` cannot be quantized by ``quantizer`` (None if it can): block alignment of each role's format
+    and groups."""
+    formats = quantizer.quantized_formats()
     if isinstance(module, nn.Linear):
-        return unsupported_reason(
-            quantizer.format, quantizer.roles, quantizer.backward, module.in_features, module.out_features, 1
-        )
+        return unsupported_reason(formats, quantizer.backward, module.in_features, module.out_features, 1)
     assert isinstance(module, (nn.Conv2d, nn.ConvTranspose2d))
     return unsupported_reason(
-        quantizer.format, quantizer.roles, quantizer.backward, module.in_channels, module.out_channels,
-        module.groups, in_name="in_channels", out_name="out_channels",
+        formats, quantizer.backward, module.in_channels, module.out_channels, module.groups,
+        in_name="in_channels", out_name="out_channels",
     )
 
 

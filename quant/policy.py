@@ -30,6 +30,25 @@ Roles: ``weight``, ``input`` (the activation X), ``grad`` (the output gradient d
 INT4: weight only). ``recipe=None`` means the format's default: TE's ``NVFP4BlockScaling()`` defaults (``full``
 backward) for NVFP4 and FP8, the straight-through ``dequantized`` backward for MXFP4, NF4 and INT4.
 
+Per-role formats (``role_overrides``, ModelOpt's separate ``*weight_quantizer`` / ``*input_quantizer`` configs): a
+mapping role -> ``{"format": <layer format>, "options": {...}}`` (a bare format name is accepted for no options) gives
+that role its own format; the other quantized roles keep ``format``. Examples: W4A8 ``format="nvfp4",
+role_overrides={"input": {"format": "fp8", "options": {"fp8_format": "e4m3"}}}``; NVFP4 with FP8 E5M2 gradients
+``{"grad": {"format": "fp8", "options": {"fp8_format": "e5m2"}}}``; NF4 weights with FP8 activations ``format="nf4",
+role_overrides={"input": "fp8"}``. Rules:
+
+* A role with an override is quantized even if the base format would not quantize it (``roles=None`` means the base
+  format's default roles plus the overridden ones); an explicit ``roles`` must list every overridden role.
+* The override's format must be able to quantize that role and run the recipe's backward mode; its options are
+  validated by the format. A grad override needs ``backward=full`` (dY is quantized only there). An override equal to
+  the base format and options is dropped (the policy is the plain one).
+* The recipe's RHT / SR / 2D switches act on the NVFP4 roles only (2D: an NVFP4 weight; SR: an NVFP4 dY; RHT: the
+  wgrad GEMM when dY^T and X^T are both NVFP4, else it would not cancel). Setting one needs at least one NVFP4 role.
+* A GEMM with operands of two formats multiplies them dequantized with FP32 accumulation (``quant.gemm``); each
+  format's block constraints apply to its own operands (``layer_formats.unsupported_reason``).
+* Transformer Engine's built-in recipes cannot express per-role formats: ``quant.te_backend`` refuses them by name
+  (``auto`` runs the emulation). ``quant.export`` packs the weight in its own format and records the other roles'.
+
 Data parallelism (``quant.distributed``): ``amax_reduction="none"`` quantizes activations and gradients with each
 rank's own amax, as TE does under data parallelism; ``"world"`` reduces their amax (MAX) over all ranks (formats with
 a per-tensor amax: NVFP4, FP8). Weights are identical across ranks and never reduced. SR seeds differ per rank.
@@ -64,6 +83,47 @@ def default_recipe(fmt: str) -> Recipe:
     return Recipe(backward=layer_formats.LAYER_FORMATS[fmt].default_backward)
 
 
+def _override_entries(value: object) -> list[tuple[str, str, dict[str, Any]]]:
+    """(role, format, options) of each entry of ``Policy.role_overrides`` in any accepted spelling: a mapping role ->
+    {"format", "options"} or role -> format name, or the canonical (role, format, options) triples."""
+    expected = ("Policy.role_overrides={!r} is not valid; expected a mapping role -> {{format, options}}, e.g. "
+                "{{'input': {{'format': 'fp8', 'options': {{'fp8_format': 'e4m3'}}}}}}")
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, (tuple, list)) and len(v) == 3 for v in value):
+        items = [(role, {"format": name, "options": options}) for role, name, options in value]
+    else:
+        raise QuantError(expected.format(value))
+    entries = []
+    for role, spec in items:
+        where = f"Policy.role_overrides.{role}"
+        if isinstance(spec, str):
+            spec = {"format": spec}
+        if not isinstance(spec, Mapping):
+            raise QuantError(expected.format(value))
+        unknown = sorted(set(spec) - {"format", "options"})
+        if unknown:
+            raise QuantError(f"{where} has key {unknown[0]!r}; valid keys: format, options")
+        if not isinstance(spec.get("format"), str):
+            raise QuantError(f"{where}.format={spec.get('format')!r} is not valid; valid choices: "
+                             f"{', '.join(layer_formats.LAYER_FORMATS)}")
+        options = spec.get("options") or {}
+        if isinstance(options, (tuple, list)):
+            options = dict(options)
+        if not isinstance(options, Mapping):
+            raise QuantError(f"{where}.options={options!r} is not valid; expected a mapping of option -> value")
+        entries.append((str(role), spec["format"], dict(options)))
+    return entries
+
+
+def _overrides_text(overrides: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...]) -> str:
+    """``input:fp8(fp8_format=e4m3),grad:...``: the canonical overrides in one token."""
+    def one(role: str, name: str, options: tuple[tuple[str, Any], ...]) -> str:
+        spelled = ",".join(f"{key}={value}" for key, value in options)
+        return f"{role}:{name}" + (f"({spelled})" if spelled else "")
+    return ",".join(one(*entry) for entry in overrides)
+
+
 def _as_str_tuple(owner: str, name: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (tuple, list)):
         raise QuantError(f"{owner}.{name}={value!r} is not valid; expected a list of strings")
@@ -91,6 +151,9 @@ class Policy:
     seed: int = 0
     amax_reduction: str = "none"  # "world": MAX of the activation/gradient amax over all data-parallel ranks
     keep_high_precision: tuple[tuple[str, str], ...] = ()  # (module name, why) pairs chosen by the caller
+    # role -> {"format": name, "options": {...}} (a dict is accepted); stored as (role, format, options) triples in
+    # ROLES order with every option of the format, like ``options``
+    role_overrides: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in formats():
@@ -132,9 +195,10 @@ class Policy:
             raise QuantError(f"Policy.options={self.options!r} is not valid; expected a mapping of option -> value")
         object.__setattr__(self, "options", tuple(sorted(dict(options).items())))
         if self.format == NONE:
-            if self.roles is not None or self.options:
+            if self.roles is not None or self.options or self.role_overrides:
                 raise QuantError(
-                    "Policy.roles and Policy.options must be empty with format='none' (nothing is quantized)"
+                    "Policy.roles, Policy.options and Policy.role_overrides must be empty with format='none' (nothing "
+                    "is quantized); give a base format, e.g. format='nvfp4'"
                 )
             if self.amax_reduction != "none":
                 raise QuantError(
@@ -146,20 +210,23 @@ class Policy:
 
     def _check_format_fields(self) -> None:
         fmt = self.layer_format  # validates the options
-        if self.amax_reduction != "none" and not fmt.per_tensor_amax:
-            with_amax = [name for name, cls in layer_formats.LAYER_FORMATS.items() if cls.per_tensor_amax]
-            raise QuantError(
-                f"Policy.amax_reduction={self.amax_reduction!r} has no effect with format={self.format}: its scales "
-                f"come from blocks, not from a per-tensor amax; formats with a per-tensor amax: {', '.join(with_amax)}"
-            )
         object.__setattr__(self, "options", tuple(sorted(fmt.options().items())))
+        object.__setattr__(self, "role_overrides", self._checked_overrides())
+        overridden = {role for role, _, _ in self.role_overrides}
         if self.roles is not None:
             roles = _as_str_tuple("Policy", "roles", self.roles)
-            bad = [r for r in roles if r not in fmt.roles]
+            bad = [r for r in roles if r not in self.role_format(r).roles]
             if bad or not roles:
+                own = f" (roles with an override: {', '.join(sorted(overridden))})" if overridden else ""
                 raise QuantError(
-                    f"Policy.roles={list(roles)!r} is not valid for format={self.format}; valid: a non-empty subset "
-                    f"of {', '.join(fmt.roles)}"
+                    f"Policy.roles={list(roles)!r} is not valid for format={self.format}{own}; valid: a non-empty "
+                    f"subset of {', '.join(fmt.roles)}, or give a role its own format in role_overrides"
+                )
+            missing = sorted(overridden - set(roles))
+            if missing:
+                raise QuantError(
+                    f"Policy.role_overrides.{missing[0]} is set but Policy.roles={list(roles)!r} leaves {missing[0]} "
+                    f"unquantized; add {missing[0]} to roles, or drop the override"
                 )
             object.__setattr__(self, "roles", tuple(r for r in layer_formats.ROLES if r in roles))
         if self.recipe.backward not in fmt.backward_modes:
@@ -167,25 +234,95 @@ class Policy:
                 f"Recipe.backward={self.recipe.backward!r} is not valid for format={self.format}; valid choices: "
                 f"{', '.join(fmt.backward_modes)}"
             )
-        if not fmt.nvfp4_recipe_switches:
+        quantized = self.quantized_formats()
+        if self.amax_reduction != "none" and not any(f.per_tensor_amax for f in quantized.values()):
+            with_amax = [name for name, cls in layer_formats.LAYER_FORMATS.items() if cls.per_tensor_amax]
+            raise QuantError(
+                f"Policy.amax_reduction={self.amax_reduction!r} has no effect with {self._formats_phrase()}: its "
+                f"scales come from blocks, not from a per-tensor amax; formats with a per-tensor amax: "
+                f"{', '.join(with_amax)}"
+            )
+        if not any(f.nvfp4_recipe_switches for f in quantized.values()):
             changed = [f.name for f in fields(Recipe) if f.name != "backward" and getattr(self.recipe, f.name)]
             if changed:
                 raise QuantError(
-                    f"Recipe.{changed[0]}=True has no effect with format={self.format}: the RHT, stochastic-rounding "
-                    "and 2D switches belong to NVFP4 (TE NVFP4BlockScaling); other formats use only Recipe.backward"
+                    f"Recipe.{changed[0]}=True has no effect with {self._formats_phrase()}: the RHT, "
+                    "stochastic-rounding and 2D switches belong to NVFP4 (TE NVFP4BlockScaling); other formats use "
+                    "only Recipe.backward"
                 )
+
+    def _checked_overrides(self) -> tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...]:
+        """``role_overrides`` validated and in canonical form (see the module docstring for the rules)."""
+        checked: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {}
+        for role, name, options in _override_entries(self.role_overrides):
+            where = f"Policy.role_overrides.{role}"
+            if role not in layer_formats.ROLES:
+                raise QuantError(f"Policy.role_overrides has role {role!r}; valid roles: "
+                                 f"{', '.join(layer_formats.ROLES)}")
+            if name not in layer_formats.LAYER_FORMATS:
+                raise QuantError(f"{where}.format={name!r} is not valid; valid choices: "
+                                 f"{', '.join(layer_formats.LAYER_FORMATS)}")
+            try:
+                fmt = layer_formats.get(name, options)
+            except QuantError as exc:
+                raise QuantError(f"{where}: {exc}") from None
+            if role not in fmt.roles:
+                able = [n for n, cls in layer_formats.LAYER_FORMATS.items() if role in cls.roles]
+                raise QuantError(f"{where}.format={name} cannot quantize the {role} role (it quantizes "
+                                 f"{', '.join(fmt.roles)}); formats for {role}: {', '.join(able)}")
+            if self.recipe.backward not in fmt.backward_modes:
+                raise QuantError(f"{where}.format={name} cannot run Recipe.backward={self.recipe.backward!r}; valid "
+                                 f"choices with {name}: {', '.join(fmt.backward_modes)}")
+            if role == "grad" and self.recipe.backward != "full":
+                raise QuantError(f"{where} has no effect with Recipe.backward={self.recipe.backward!r}: the output "
+                                 "gradient is quantized only with backward=full; valid: backward=full, or drop it")
+            canonical = (name, tuple(sorted(fmt.options().items())))
+            if canonical != (self.format, self.options):
+                checked[role] = canonical
+        return tuple((role, *checked[role]) for role in layer_formats.ROLES if role in checked)
+
+    def _formats_phrase(self) -> str:
+        """``format=<base>`` plus the overrides, for error messages."""
+        if not self.role_overrides:
+            return f"format={self.format}"
+        return f"format={self.format} and role_overrides {self.describe_overrides()}"
+
+    def describe_overrides(self) -> str:
+        """The overrides in one token, ``input:fp8(fp8_format=e4m3),grad:...`` ("" without overrides)."""
+        return _overrides_text(self.role_overrides)
 
     @property
     def layer_format(self) -> LayerFormat:
         """The format configured with this policy's options."""
         return layer_formats.get(self.format, dict(self.options))
 
+    def role_format(self, role: str) -> LayerFormat:
+        """The format that quantizes ``role``: its override in ``role_overrides``, else ``layer_format``."""
+        if self.format == NONE:
+            raise QuantError("Policy.format='none' quantizes nothing; no role has a format")
+        for overridden, name, options in self.role_overrides:
+            if overridden == role:
+                return layer_formats.get(name, dict(options))
+        return self.layer_format
+
+    def quantized_formats(self) -> dict[str, LayerFormat]:
+        """Each quantized role -> its format, in ROLES order (empty for format='none')."""
+        return {role: self.role_format(role) for role in layer_formats.ROLES if role in self.effective_roles}
+
+    @property
+    def wgrad_rht(self) -> bool:
+        """Do the layers rotate the wgrad operands with the RHT (``layer_formats.wgrad_rht``; needs BF16 compute)?"""
+        return self.format != NONE and layer_formats.wgrad_rht(self.quantized_formats(), self.recipe)
+
     @property
     def effective_roles(self) -> frozenset[str]:
-        """The roles that are quantized (empty for format='none')."""
+        """The roles that are quantized (empty for format='none'): ``roles``, else the base format's default roles
+        plus every role with an override."""
         if self.format == NONE:
             return frozenset()
-        return frozenset(self.roles if self.roles is not None else self.layer_format.default_roles)
+        if self.roles is not None:
+            return frozenset(self.roles)
+        return frozenset(self.layer_format.default_roles) | {role for role, _, _ in self.role_overrides}
 
     def quantizer(self, name: str, index: int) -> LayerQuantizer:
         """The quantization state of the ``index``-th quantized layer, called ``name`` (its SR stream is seeded from
@@ -199,6 +336,7 @@ class Policy:
             roles=self.effective_roles,
             seed=self.seed * _SEED_STRIDE + index,
             amax_reduction=self.amax_reduction,
+            role_formats={role: self.role_format(role) for role, _, _ in self.role_overrides},
         )
 
     def describe(self) -> str:
@@ -207,7 +345,9 @@ class Policy:
             return "format=none (nothing quantized)"
         roles = ",".join(r for r in layer_formats.ROLES if r in self.effective_roles)
         parts = [f"format={self.format}", f"roles={roles}"]
-        if self.layer_format.nvfp4_recipe_switches:
+        if self.role_overrides:
+            parts.append(f"role_overrides={self.describe_overrides()}")
+        if any(f.nvfp4_recipe_switches for f in self.quantized_formats().values()):
             parts.append(f"recipe={self.recipe}")
         else:
             parts.append(f"backward={self.recipe.backward}")

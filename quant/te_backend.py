@@ -4,7 +4,8 @@ Why: on Blackwell a study must run TE's real NVFP4 recipe, and on Hopper TE's FP
 command line as the emulation, so an emulated arm and a native arm are provably the same recipe. Three decisions live
 here, each one a plain function a CPU test can call with the hardware gate monkeypatched:
 
-* ``resolve_backend(policy, requested, ...)``: ``emulated`` runs ``quant``'s layers; ``te`` runs TE or fails with
+* ``resolve_backend(policy, requested, ...)``: ``emulated`` runs ``quant``'s layers (and is the only backend for
+  per-role formats, ``Policy.role_overrides``: ``policy_gap`` names them); ``te`` runs TE or fails with
   TE's own reason (``is_nvfp4_available`` / ``is_fp8_available`` / ``is_fp8_block_scaling_available`` with
   ``return_reason=True``) and the hint ``backend=emulated``; ``auto`` takes TE where it can serve the policy and the
   emulation elsewhere, returning the reason for the caller to log once. Without TE installed the reason names
@@ -118,6 +119,10 @@ def policy_gap(policy: Policy, fp8_recipe: str = "current") -> str | None:
     if policy.format not in TE_FORMATS:
         return (f"Transformer Engine has no recipe for format={policy.format} (TE runs nvfp4 with NVFP4BlockScaling "
                 "and fp8 with DelayedScaling, Float8CurrentScaling or Float8BlockScaling)")
+    if policy.role_overrides:
+        return (f"role_overrides={policy.describe_overrides()}: TE's built-in recipes (NVFP4BlockScaling, "
+                "DelayedScaling, Float8CurrentScaling, Float8BlockScaling) quantize every operand of a GEMM in one "
+                "format family, and this backend builds no TE CustomRecipe (TE's experimental per-role recipes)")
     if policy.amax_reduction != "none":
         return (f"amax_reduction={policy.amax_reduction}: TE's layers reduce no activation or gradient amax under data "
                 "parallelism (TE does it only for sequence-parallel layers, over their tensor-parallel group)")
@@ -171,10 +176,13 @@ def resolve_backend(policy: Policy, requested: str = "auto", *, precision: str =
     if requested not in BACKENDS:
         raise QuantError(f"backend={requested!r} is not valid; valid choices: {', '.join(BACKENDS)}")
     _check_fp8_recipe(policy, fp8_recipe)
-    if policy.format == "nvfp4" and precision == "16-mixed":
+    nvfp4_roles = [] if policy.format == NONE else [
+        role for role, fmt in policy.quantized_formats().items() if fmt.name == "nvfp4"]
+    if nvfp4_roles and precision == "16-mixed":
         raise QuantError(
-            f"NVFP4 cannot compute in float16 on any backend (backend={requested}): TE's FP4 GEMM has no FP16 output "
-            "and its RHT takes only BF16 input; run the NVFP4 arm with precision=bf16-mixed"
+            f"NVFP4 cannot compute in float16 on any backend (backend={requested}): the NVFP4 roles "
+            f"({', '.join(nvfp4_roles)}) need TE's FP4 GEMM, which has no FP16 output, and its RHT takes only BF16 "
+            "input; run the NVFP4 arm with precision=bf16-mixed"
         )
     if policy.format == NONE:
         return BackendChoice(requested, "emulated")  # nothing is quantized: plain modules under any backend

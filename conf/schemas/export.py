@@ -4,8 +4,8 @@ Why a separate group: the storage format of an exported model is a choice made a
 (``format: null``) the export uses the job's own precision policy (``quant=...``), so the packed model runs exactly
 the forward the QAT model was trained with (same weight format and tile, same activation quantization). Setting
 ``export.format`` exports in another format: the layer selection stays the quant config's, the format, ``options``
-and ``roles`` come from here and the recipe is that format's default (e.g. ``quant=bf16 export.format=nf4`` is
-weight-only NF4 post-training quantization of a BF16 model).
+and ``roles`` come from here (the job's ``role_overrides`` are dropped) and the recipe is that format's default
+(e.g. ``quant=bf16 export.format=nf4`` is weight-only NF4 post-training quantization of a BF16 model).
 """
 from __future__ import annotations
 
@@ -38,16 +38,18 @@ class ExportConfig:
 
     def policy(self, job_policy: quant.Policy) -> quant.Policy:
         """The policy whose layers get packed: the job's, or the job's layer selection in ``format``."""
-        if self.format is None or (self.format == job_policy.format and not self.options and self.roles is None):
-            if job_policy.format not in CODECS:
+        if self.format is None or (self.format == job_policy.format and not self.options and self.roles is None
+                                   and not job_policy.role_overrides):
+            weight_format = "none" if job_policy.format == "none" else job_policy.role_format("weight").name
+            if weight_format not in CODECS or "weight" not in job_policy.effective_roles:
                 raise ConfigError(
-                    f"mode=export packs {', '.join(CODECS)} weights but the job's policy has format="
-                    f"{job_policy.format}; pick a quantized policy (quant=nvfp4) or export.format="
-                    f"<{'|'.join(CODECS)}>")
+                    f"mode=export packs {', '.join(CODECS)} weights but the job's policy quantizes the weight with "
+                    f"format={weight_format if 'weight' in job_policy.effective_roles else 'none'}; pick a quantized "
+                    f"policy (quant=nvfp4) or export.format=<{'|'.join(CODECS)}>")
             return job_policy
         try:
             return dataclasses.replace(job_policy, format=self.format, recipe=None, options=dict(self.options),
-                                       roles=None if self.roles is None else tuple(self.roles))
+                                       roles=None if self.roles is None else tuple(self.roles), role_overrides=())
         except quant.QuantError as exc:
             raise ConfigError(f"export: {exc}") from None
 

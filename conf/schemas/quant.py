@@ -12,6 +12,11 @@ modules (or a clear error with TE's reason), ``auto`` TE where it can serve the 
 recipe for ``format=fp8``: ``current`` (Float8CurrentScaling, what the emulation implements), ``delayed``
 (DelayedScaling) or ``block`` (Float8BlockScaling); the last two run on TE only.
 
+``role_overrides`` gives a role its own format (``quant.Policy.role_overrides``): role -> ``{format, options}``, e.g.
+W4A8 ``quant=nvfp4 +quant.role_overrides.input.format=fp8 +quant.role_overrides.input.options.fp8_format=e4m3``, or
+FP8 E5M2 gradients ``+quant.role_overrides.grad.format=fp8`` (fp8's default ``hybrid`` gives dY E5M2). The precision
+checks below follow the roles that are NVFP4, whichever field made them so.
+
 ``amax_reduction`` is for data-parallel runs (``trainer=ddp|fsdp``, docs/distributed.md): ``none`` quantizes
 activations and gradients with each rank's own amax, as TE does; ``world`` takes the MAX over all ranks (nvfp4 and fp8,
 emulated backend only: TE has no such option for data parallelism, so ``auto`` then runs the emulation).
@@ -21,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import quant
 from conf.errors import ConfigError
@@ -50,6 +55,8 @@ class QuantConfig:
     disable_2d_quantization: bool = False
     roles: Optional[list[str]] = None  # subset of weight, input, grad; null = the format's default
     options: dict[str, Any] = field(default_factory=dict)  # format options (scale_rule, blocksize, fp8_format, ...)
+    # role -> {format: <layer format>, options: {...}}: that role in its own format (W4A8, FP8 gradients, ...)
+    role_overrides: dict[str, Any] = field(default_factory=dict)
     # layer selection (quant.policy): fnmatch patterns on module names, GEMM types, first/last blocks
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -90,20 +97,28 @@ class QuantConfig:
         if self.kurtosis_ckpt is not None and self.exclude_by_kurtosis is None:
             raise ConfigError("quant.kurtosis_ckpt is set but quant.exclude_by_kurtosis is null; set a z threshold "
                               "such as quant.exclude_by_kurtosis=3.5")
-        if self.format == "nvfp4" and self.precision == "16-mixed":
+        policy = self.to_policy()
+        nvfp4_roles = [] if policy.format == "none" else [
+            role for role, fmt in policy.quantized_formats().items() if fmt.name == "nvfp4"]
+        if nvfp4_roles and self.precision == "16-mixed":
             raise ConfigError(
-                "quant.precision=16-mixed is not valid with quant.format=nvfp4: TE's FP4 GEMM has no FP16 output and "
-                "its RHT takes only BF16 input, so the NVFP4 arm computes in BF16; valid choices: bf16-mixed, 32-true "
-                "(an FP16 baseline is compared with an NVFP4 arm that runs bf16-mixed)"
+                f"quant.precision=16-mixed is not valid with {self._nvfp4_source(nvfp4_roles)}: TE's FP4 GEMM has no "
+                "FP16 output and its RHT takes only BF16 input, so the NVFP4 arm computes in BF16; valid choices: "
+                "bf16-mixed, 32-true (an FP16 baseline is compared with an NVFP4 arm that runs bf16-mixed)"
             )
-        if (self.format == "nvfp4" and self.precision == "32-true" and self._backward() == "full"
-                and not self.disable_rht):
+        if self.precision == "32-true" and policy.wgrad_rht:
             raise ConfigError(
-                "quant.precision=32-true is not valid with quant.format=nvfp4 and backward=full: the wgrad RHT needs "
-                "BF16 operands (TE: RHT is only supported for bfloat16 input); valid: precision=bf16-mixed, or "
-                "quant.disable_rht=true"
+                f"quant.precision=32-true is not valid with {self._nvfp4_source(nvfp4_roles)} and backward=full: the "
+                "wgrad RHT needs BF16 operands (TE: RHT is only supported for bfloat16 input); valid: "
+                "precision=bf16-mixed, or quant.disable_rht=true"
             )
-        self.to_policy()
+
+    def _nvfp4_source(self, nvfp4_roles: list[str]) -> str:
+        """Which field makes these roles NVFP4: ``quant.format=nvfp4`` or ``quant.role_overrides.<role>.format``."""
+        overridden = [role for role in nvfp4_roles if role in self.role_overrides]
+        if self.format == "nvfp4" and len(overridden) < len(nvfp4_roles):
+            return "quant.format=nvfp4"
+        return f"quant.role_overrides.{overridden[0]}.format=nvfp4"
 
     def _backward(self) -> str:
         return self.backward if self.backward is not None else default_recipe(self.format).backward
@@ -132,9 +147,17 @@ class QuantConfig:
                 model_defaults=self.model_defaults,
                 seed=self.seed,
                 amax_reduction=self.amax_reduction,
+                role_overrides=_plain(self.role_overrides),
             )
         except quant.QuantError as exc:
             raise ConfigError(f"quant (policy {self.name!r}): {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra/OmegaConf container as plain dicts and lists (a typed dict field may still hold DictConfig nodes)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 store_schema("quant", "quant", QuantConfig)
