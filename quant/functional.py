@@ -340,6 +340,17 @@ def _fresh_generator_state(seed: int) -> Tensor:
 
 
 def _autocast_off(x: Tensor):
+    """Autocast off for ``x``'s device inside forward and backward: the emulation's float32 contractions must not be
+    downcast. The backward's block is load-bearing under torch.compile too, where AOTAutograd runs the backward under
+    the forward's autocast state.
+
+    Load-bearing for torch.compile: no code inside the backward's block may read the strides, contiguity or storage
+    offset of a gradient-derived tensor (layout decisions belong inside custom ops, as ``kernels.epilogue``). Dynamo
+    speculates the backward while tracing the forward, without those properties; reading one makes it abandon the
+    trace and retrace, and (torch 2.14.1; the 2.11 GPU run showed the same) the abandoned trace never leaves this
+    block, so the rest of the frame is traced with autocast off: later layers' ``compute_dtype`` became float32,
+    which failed the NVFP4 RHT check inside the trace or silently compiled a float32 layer where eager computes in
+    BF16 (tests/quant/test_compile_autocast.py)."""
     device_type = x.device.type
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 

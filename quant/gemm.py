@@ -165,8 +165,6 @@ def finish(acc: Tensor, alpha: Alpha | None, out_dtype: torch.dtype, bias: Tenso
     if fast_path(acc):
         if alpha is None and bias is None and out_dtype == torch.float32:
             return acc
-        if not _is_dense(acc):
-            acc = acc.contiguous()
         amax_a, amax_b = (None, None) if alpha is None else (alpha.amax_a, alpha.amax_b)
         return kernels.load().gemm_epilogue(acc, amax_a, amax_b, bias, bias_dim % acc.dim(), out_dtype)
     out = acc if alpha is None else acc * alpha.value()
@@ -218,16 +216,6 @@ def rounded_gemm(a: Tensor, b: Tensor) -> Tensor:
     the output dtype itself, with split-K reductions forced to FP32 (``kernels.ops.fp32_reductions``). CPU tests of
     the fast path replace this function."""
     return kernels.load().rounded_mm(a, b)
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill a contiguous block in some dim order (the epilogue's flat walk)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _exact_in_bf16(a: Operand, b: Operand, compute_dtype: torch.dtype) -> bool:

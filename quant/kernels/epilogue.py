@@ -15,7 +15,13 @@ bias is read in its own dtype and widened exactly, and the rounding to BF16 is t
 ``rounding.bf16_bits`` (NaN stays NaN). The kernel walks the accumulator in memory order, so any non-overlapping dense
 layout (row-major GEMM output, NCHW or channels-last convolution output, a permuted weight gradient) is one flat pass;
 the output gets the accumulator's strides, and the bias index of flat position p is ``(p // stride_c) % C`` for the
-bias dim c.
+bias dim c. Any other layout is copied row-major first (``flat_layout``).
+
+The layout is decided here, on the accumulator the op receives (real or fake), and never by the caller: the epilogue
+runs inside the QAT layers' backward, which torch.compile's Dynamo speculates while tracing the forward, with the
+gradients' strides unknown. Reading a stride there makes Dynamo abandon the backward's trace and retrace it, and the
+abandoned trace never leaves the backward's ``torch.autocast(enabled=False)`` block: the rest of the frame was traced
+with autocast off (``quant.functional._autocast_off`` explains the consequence).
 """
 from __future__ import annotations
 
@@ -47,12 +53,24 @@ def _epilogue_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, bias_ptr, numel, 
     store_values(out_ptr + offsets, value, mask, OUT_BF16_BITS)
 
 
+def flat_layout(acc: Tensor) -> Tensor:
+    """``acc`` itself if it is non-overlapping and dense in some dim order (one flat walk covers it), else a row-major
+    copy. The output of the epilogue has the strides of this tensor (also on fake tensors, for the custom op)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(acc.stride(), acc.shape) if n != 1):
+        if stride != expected:
+            return acc.contiguous()
+        expected *= size
+    return acc
+
+
 def epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
              out_dtype: torch.dtype) -> Tensor:
     """``out_dtype(fp32(fp32(acc * alpha) + bias))`` with acc's strides, alpha = ``nvfp4.gemm_alpha(amax_a, amax_b)``.
 
-    acc: float32, non-overlapping and dense (any dim order); amax_a, amax_b: float32 scalar tensors (both or neither:
-    no alpha); bias: 1-D [acc.shape[bias_dim]] or None."""
+    acc: float32, any layout (``flat_layout``); amax_a, amax_b: float32 scalar tensors (both or neither: no alpha);
+    bias: 1-D [acc.shape[bias_dim]] or None."""
+    acc = flat_layout(acc)
     out = torch.empty_like(acc, dtype=out_dtype)  # preserves the strides of a dense tensor
     numel = acc.numel()
     if numel == 0:

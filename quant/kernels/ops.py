@@ -297,13 +297,14 @@ _gemm_epilogue_op = _custom_op("gemm_epilogue", _gemm_epilogue_eager)
 @_gemm_epilogue_op.register_fake
 def _(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
       out_dtype: torch.dtype) -> Tensor:
-    return torch.empty_like(acc, dtype=out_dtype)
+    return torch.empty_like(epilogue_kernels.flat_layout(acc), dtype=out_dtype)
 
 
 def gemm_epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None, bias_dim: int,
                   out_dtype: torch.dtype) -> Tensor:
     """``out_dtype(fp32(fp32(acc * alpha) + bias))`` in one pass (``quant.kernels.epilogue``), alpha =
-    ``nvfp4.gemm_alpha(amax_a, amax_b)`` (no alpha when the amaxes are None); acc float32, dense."""
+    ``nvfp4.gemm_alpha(amax_a, amax_b)`` (no alpha when the amaxes are None); acc float32, any layout (the op, not
+    the caller, reads its strides: ``quant.kernels.epilogue``)."""
     return _call(_gemm_epilogue_op, _gemm_epilogue_eager, acc, amax_a, amax_b, bias, bias_dim, out_dtype)
 
 

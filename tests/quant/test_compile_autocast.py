@@ -1,0 +1,137 @@
+"""Compiled QAT blocks under autocast: every backward mode traces with the autocast state it runs with.
+
+The failure this guards (issue 6, seen on the H100 as Dynamo's "Global autocast(cuda)_enabled state changed while
+dynamo tracing"): the layers' backward leaves autocast (``quant.functional._autocast_off``) and, before the fix, read
+a gradient's strides inside that block (the GEMM epilogue's layout check in ``quant.gemm.finish``). Dynamo speculates
+the backward while tracing the forward; the stride read made it abandon that trace and retrace, without ever leaving
+the abandoned ``autocast(enabled=False)``. Every layer traced after it in the frame saw autocast off, so a layer whose
+input is float32 (q/k/v reading one normalised activation, two convolutions reading one input) got a float32 compute
+dtype: ``backward=full`` refused it inside the trace (the NVFP4 wgrad RHT needs BF16), ``dequantized`` and
+``high_precision`` blocks with a bias compiled a float32 layer where eager computes in BF16.
+
+The layers only compile without graph breaks on the kernel path (the reference path's NaN check is data-dependent),
+so the cases run as ``test_kernels`` runs its interpreter cases: in a subprocess with ``TRITON_INTERPRET=1`` and the
+CUDA implementation of ``quant.gemm`` / ``quant.functional`` switched onto CPU tensors (``fast_path_on_cpu``). With
+the ``aot_eager`` backend compiled and eager results are bit-identical, SR included (same Philox counters).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.quant.test_kernels import HAS_TRITON, IN_INTERPRETER, INTERPRETER_FLAG, REPO, assert_same_bits
+from tests.quant.test_kernels import fast_path_on_cpu  # noqa: F401  (fixture)
+
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the Triton-interpreter subprocess")
+
+
+@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton; this is the parent run")
+def test_compiled_blocks_under_autocast_in_the_interpreter():
+    env = {**os.environ, INTERPRETER_FLAG: "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "--noconftest", "-k", "test_interp_",
+               "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
+
+
+class _Projections(nn.Module):
+    """Three projections of one float32 input, as a decoder block's q/k/v read the normalised activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, 32] float32
+        return x + self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+class _ConvBranches(nn.Module):
+    """Two convolutions of one float32 input, then a transposed convolution and a strided one back to its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.up, self.down = nn.ConvTranspose2d(16, 16, 2, stride=2), nn.Conv2d(16, 16, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, 16, H, W] float32
+        return x + self.down(self.up(self.a(x) * self.b(x)))
+
+
+BLOCKS = {"linear": (_Projections, (2, 8, 32)), "conv": (_ConvBranches, (2, 16, 4, 4))}
+
+
+def _step(block: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient and parameter gradients of one BF16-autocast step."""
+    block.zero_grad()
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    y.float().square().mean().backward()
+    return [y.detach(), x.grad] + [p.grad.clone() for p in block.parameters()]
+
+
+# Every mode reaches the epilogue in its backward (the bias gradient at least); high_precision convolutions take the
+# same backward calls as dequantized ones.
+CASES = [("full", "linear"), ("dequantized", "linear"), ("high_precision", "linear"), ("full", "conv"),
+         ("dequantized", "conv")]
+
+
+@interp
+@pytest.mark.parametrize("backward, kind", CASES)
+def test_interp_compiled_block_under_autocast_equals_eager(backward, kind, fast_path_on_cpu):  # noqa: F811
+    import quant
+
+    fast_path_on_cpu()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    make, shape = BLOCKS[kind]
+    block = make()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    x = torch.randn(shape)
+    for layer in quant.quantized_modules(block).values():
+        layer.quantizer.prime(x.device)
+    states = quant.sr_states(block)
+    eager = _step(block, x)
+    quant.load_sr_states(block, states)  # the compiled step draws the same SR bits
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    got = _step(compiled, x)
+    assert torch.is_autocast_enabled("cpu") is False
+    names = ["output", "input gradient"] + [f"{name} gradient" for name, _ in block.named_parameters()]
+    for name, actual, expected in zip(names, got, eager, strict=True):
+        assert_same_bits(actual, expected, f"{kind} {backward}: compiled vs eager {name}")
+
+
+@interp
+def test_interp_autocast_entered_inside_the_compiled_function(fast_path_on_cpu):  # noqa: F811
+    """Autocast entered inside the compiled function (test_kernels' GPU case): before the fix the abandoned backward
+    trace's autocast(enabled=False) was exited after the outer autocast, leaving autocast on after tracing (Dynamo's
+    "Global autocast(cpu)_enabled state changed while dynamo tracing")."""
+    import quant
+
+    fast_path_on_cpu()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full")))
+    x = torch.randn(4, 16, 32, requires_grad=True)
+
+    def loss(inp: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(inp).float().square().mean()
+
+    for layer in quant.quantized_modules(model).values():
+        layer.quantizer.prime(x.device)
+    states = quant.sr_states(model)
+    eager = torch.autograd.grad(loss(x), [x, *model.parameters()])
+    quant.load_sr_states(model, states)
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x), [x, *model.parameters()])
+    assert torch.is_autocast_enabled("cpu") is False
+    for i, (actual, expected) in enumerate(zip(got, eager, strict=True)):
+        assert_same_bits(actual, expected, f"compiled vs eager gradient {i}")
