@@ -5,13 +5,16 @@ summary files kept under ``docs/results/`` instead of being copied by hand.
 
 Usage: ``python -m bench.study_tables docs/results/unet_coco.json [more.json ...]`` prints, per experiment, the run
 line (GPU, date, versions, seeds), one table row per arm (every test/ metric as mean +- std over seeds with the
-relative gap to BF16, wall time per job relative to BF16), the layers the kurtosis study flagged, the bench line,
-and any failed or skipped phase.
+relative gap to BF16, wall time per job relative to BF16), the paired comparison of the headline metric (each arm
+against BF16 of the same seed, and the keep arm against the nvfp4 arm of the same seed: same data order and initial
+weights, so the seed-to-seed spread cancels), the layers the kurtosis study flagged, the bench line, and any failed or
+skipped phase.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +45,46 @@ def metric_columns(summary: dict[str, Any]) -> list[str]:
     headline = summary.get("headline_metric")
     rest = sorted(common - {headline})
     return ([headline] if headline in common else []) + rest
+
+
+LOWER_IS_BETTER = ("loss", "ppl")  # headline metrics whose name ends so; the others (mIoU, accuracy) are higher-better
+PAIRED_AGAINST = {"nvfp4_keep_bf16": "nvfp4"}  # arms also compared with another arm than BF16, seed by seed
+
+
+def paired_rows(summary: dict[str, Any]) -> list[str]:
+    """Table rows: per arm and reference arm, the relative differences of the headline metric over the seeds both
+    arms finished, ``(arm - ref) / |ref|`` per seed, their mean and population std, and in how many seeds the arm
+    was better. Pairing removes what the seeds share across arms (data order, initial weights)."""
+    metric = summary.get("headline_metric")
+    lower_better = any(metric.endswith(suffix) for suffix in LOWER_IS_BETTER) if metric else False
+    arms = summary["arms"]
+
+    def per_seed(arm: str) -> dict[int, float]:
+        entry = arms.get(arm) or {}
+        values = (entry.get("metrics", {}).get(metric) or {}).get("values", [])
+        return dict(zip(entry.get("seeds", []), values))
+
+    rows = []
+    for arm in arms:
+        for ref in ("bf16", PAIRED_AGAINST.get(arm)):
+            if ref is None or ref == arm or ref not in arms:
+                continue
+            mine, theirs = per_seed(arm), per_seed(ref)
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            gaps = [(mine[s] - theirs[s]) / abs(theirs[s]) for s in seeds]
+            better = sum((g < 0) if lower_better else (g > 0) for g in gaps)
+            per = ", ".join(f"{100 * g:+.2f}%" for g in gaps)
+            rows.append(f"| {ARM_TEXT.get(arm, arm)} | {ARM_TEXT.get(ref, ref)} | {per} | "
+                        f"{100 * statistics.fmean(gaps):+.2f}% ± {100 * statistics.pstdev(gaps):.2f}% | "
+                        f"{better} of {len(seeds)} |")
+    if not rows:
+        return []
+    header = [f"Paired by seed, {metric} ({'lower' if lower_better else 'higher'} is better): (arm - reference) / "
+              "|reference| of the same seed.", "",
+              "| arm | reference | per seed | mean ± std | arm better in |", "|---|---|---|---|---|"]
+    return header + rows
 
 
 NOT_REQUESTED = "not requested"  # bench.study's reason for a phase left out by --phases
@@ -80,6 +123,9 @@ def experiment_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {ARM_TEXT.get(arm, arm)} | {cells} | {len(entry['seeds'])} | {wall} |")
     lines += ["", "Mean ± std over seeds (population std); in parentheses the relative gap (arm - BF16) / |BF16|. "
               "test/ metrics: the best checkpoint by the validation monitor, evaluated on the held-out split."]
+    paired = paired_rows(summary)
+    if paired:
+        lines += [""] + paired
     flags = summary["kurtosis_flags"]
     if flags["union"]:
         lines += ["", "Layers the BF16 kurtosis studies flag (union over seeds): " + ", ".join(
@@ -96,7 +142,9 @@ def experiment_markdown(summary: dict[str, Any]) -> str:
                                                             f"exit {p['returncode']}"))
                 for p in summary["phases"] if (p["skipped"] and not p["skipped"].startswith(NOT_REQUESTED))
                 or p["timed_out"] or p["returncode"] not in (0, None)]
-    missing = [arm for arm in ARM_TEXT if arm not in summary["arms"]]
+    # with no layer flagged, the keep arm is never run (it would be the nvfp4 arm): not a gap of the study
+    missing = [arm for arm in ARM_TEXT if arm not in summary["arms"]
+               and not (arm == "nvfp4_keep_bf16" and not flags["union"])]
     if missing:
         problems.append("no finished job of " + ", ".join(f"`{arm}`" for arm in missing))
     problems += [f"failed job {job['folder']}: {job['message']}" for job in summary.get("failed_jobs", [])]

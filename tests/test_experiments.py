@@ -172,6 +172,27 @@ def test_results_tables_render_the_summary_numbers(tmp_path):
     assert "| NVFP4 QAT, backward=full | 0.7800 ± 0.0200 (-4.88%) | 0.6000 ± 0.0000 (+20.00%) | 2 | 2.50x |" in text
     assert "`b1` (already BF16 in the nvfp4 arm)" in text and "phase keep: no layer flagged" in text
     assert "Kept in BF16 by the keep arm (its quant_report.txt): seed 0: none" in text
+    # paired by seed: 0.76 vs 0.80 and 0.80 vs 0.84, i.e. -5.00% and -4.76%, in float64 by hand
+    gaps = [(0.76 - 0.80) / 0.80, (0.80 - 0.84) / 0.84]
+    mean, std = sum(gaps) / 2, abs(gaps[0] - gaps[1]) / 2
+    assert (f"| NVFP4 QAT, backward=full | BF16 (baseline) | {100 * gaps[0]:+.2f}%, {100 * gaps[1]:+.2f}% | "
+            f"{100 * mean:+.2f}% ± {100 * std:.2f}% | 0 of 2 |") in text
+    assert "test/acc1 (higher is better)" in text
+
+
+def test_paired_rows_compare_the_keep_arm_with_nvfp4_on_the_seeds_both_finished():
+    def arm(seeds, values):
+        return {"seeds": seeds, "mode": "train", "metrics": {"test/loss": {"values": values}}}
+    summary = {"headline_metric": "test/loss",
+               "arms": {"bf16": arm([0, 1, 2], [2.0, 2.0, 2.0]), "nvfp4": arm([0, 1, 2], [2.2, 2.1, 1.9]),
+                        "nvfp4_keep_bf16": arm([1, 2], [2.0, 2.0])}}
+    rows = study_tables.paired_rows(summary)
+    assert "test/loss (lower is better)" in rows[0]
+    assert "| NVFP4 QAT, backward=full | BF16 (baseline) | +10.00%, +5.00%, -5.00% | +3.33% ± 6.24% | 1 of 3 |" in rows
+    keep = "| NVFP4 QAT (full), flagged layers BF16 |"
+    assert f"{keep} BF16 (baseline) | +0.00%, +0.00% | +0.00% ± 0.00% | 0 of 2 |" in rows
+    # seeds 1 and 2 only: 2.0 vs 2.1 and 2.0 vs 1.9
+    assert f"{keep} NVFP4 QAT, backward=full | -4.76%, +5.26% | +0.25% ± 5.01% | 1 of 2 |" in rows
 
 
 def test_bundle_leaves_out_checkpoints_and_fills_the_cap_tier_by_tier(tmp_path):
