@@ -489,6 +489,25 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
+def _check_reduction_size(x: Tensor, dim: int, size: int, q: LayerQuantizer, layout: str) -> None:
+    """Refuse an input whose reduction dim ``x.shape[dim]`` (K of a linear, Ci of a convolution) is not the weight's
+    ``size``, naming the layer.
+
+    Load-bearing for torch.compile, not only for the message: the comparison runs *before* the autograd Function, so
+    a reduction dim that Dynamo traces as a symbol is specialized to the weight's size here. That happens when a
+    frame is recompiled with automatic dynamic shapes (torch 2.11 compiles each ``ConvNormAct.forward`` of a UNet
+    block as its own frame; the block's second conv reads another width, so the frame is recompiled with the channel
+    dim dynamic) or under ``dynamic=True``. Left to the GEMM or
+    the convolution inside the Function's forward, the specialization happens mid-trace: sizes derived from the
+    symbol that the forward hands on (the saved shapes, the operands' logical shapes) were traced as SymInts, but
+    come back as constants when Dynamo replays the forward on fake tensors, and Dynamo asserts ("Expected
+    subgraph_vt to be a tensor, SymNodeVariable, ...", ``overwrite_tensor_vt_proxy``; issue 6). Dims that stay
+    symbolic (batch, tokens, pixels) are traced consistently and need nothing."""
+    if x.shape[dim] != size:
+        raise QuantError(f"{q.name}: input of shape {tuple(x.shape)} does not fit the weight: expected {layout} with "
+                         f"{'K' if dim == -1 else 'Ci'} = {size}")
+
+
 def _tracks(*tensors: Tensor | None) -> bool:
     """Will autograd record this call? (Then the operands the backward mode needs are saved.)"""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -496,6 +515,7 @@ def _tracks(*tensors: Tensor | None) -> bool:
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer) -> Tensor:
     """``F.linear(x, weight, bias)`` with the three GEMMs quantized by ``q``: x [..., K], weight [N, K] -> [..., N]."""
+    _check_reduction_size(x, -1, weight.shape[1], q, "[..., K]")
     track = _tracks(x, weight, bias)
     seeds = q.sr_seeds(x, track)
     y = _QuantLinearFunction.apply(x, weight, bias, seeds, q, q.compute_dtype(x, weight), track)  # [M, N]
@@ -721,6 +741,9 @@ def quant_conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: La
 
 
 def _apply_conv(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, geo: ConvGeometry) -> Tensor:
+    if x.dim() != 4:
+        raise QuantError(f"{q.name}: quantized convolutions take input [N, C, H, W]; got shape {tuple(x.shape)}")
+    _check_reduction_size(x, 1, _w_oi(weight, geo).shape[1], q, "[N, Ci, H, W]")
     track = _tracks(x, weight, bias)
     seeds = q.sr_seeds(x, track)
     return _QuantConvFunction.apply(x, weight, bias, seeds, q, q.compute_dtype(x, weight), geo, track)

@@ -13,10 +13,22 @@ The layers only compile without graph breaks on the kernel path (the reference p
 so the cases run as ``test_kernels`` runs its interpreter cases: in a subprocess with ``TRITON_INTERPRET=1`` and the
 CUDA implementation of ``quant.gemm`` / ``quant.functional`` switched onto CPU tensors (``fast_path_on_cpu``). With
 the ``aot_eager`` backend compiled and eager results are bit-identical, SR included (same Philox counters).
+
+A second failure of issue 6 (H100, torch 2.11: ``bench.train_step --models unet --compile blocks`` skipped its NVFP4
+rows with an AssertionError in Dynamo's ``overwrite_tensor_vt_proxy`` while tracing ``_QuantConvFunction.apply``):
+torch 2.11 compiles each ``ConvNormAct.forward`` of a UNet block as its own frame, so the block's second conv
+recompiles that frame with the channel dim dynamic (automatic dynamic shapes). The convolution inside the Function's
+forward then specialized the symbol to the weight's Cin in mid-trace; sizes derived from it, which the forward hands
+on as subgraph outputs, were traced as SymInts but came back as constants when Dynamo replayed the forward on fake
+tensors. ``quant.functional._check_reduction_size`` now specializes the reduction dim before the Function. torch
+2.14.1 returns a Function's forward intermediates from the subgraph only when the forward has a side effect (torch
+2.11: always), so the CPU case compiles with ``dynamic=True`` and lets the trace import the kernel ops (a side effect,
+as in the first quantized call of a process); it fails without the fix for linear (K) and convolution (Ci) blocks.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +147,61 @@ def test_interp_autocast_entered_inside_the_compiled_function(fast_path_on_cpu):
     assert torch.is_autocast_enabled("cpu") is False
     for i, (actual, expected) in enumerate(zip(got, eager, strict=True)):
         assert_same_bits(actual, expected, f"compiled vs eager gradient {i}")
+
+
+def _unet_down_block() -> nn.Module:
+    """The UNet's down block: max-pool, then two ConvNormAct (3x3 conv without bias, GroupNorm, in-place ReLU)."""
+    from models.unet import Down
+
+    return Down(16, 32, groups=8)
+
+
+DYNAMIC_BLOCKS = {"unet-down": (_unet_down_block, (2, 16, 8, 8)), "linear": BLOCKS["linear"]}
+# high_precision convolutions take the same forward and backward calls as dequantized ones
+DYNAMIC_CASES = [("full", "unet-down"), ("dequantized", "unet-down"), ("full", "linear")]
+
+
+@interp
+@pytest.mark.parametrize("backward, kind", DYNAMIC_CASES)
+def test_interp_compiled_block_with_dynamic_reduction_dim_equals_eager(backward, kind, fast_path_on_cpu,  # noqa: F811
+                                                                      monkeypatch):
+    """A block whose input sizes Dynamo traces as symbols, reduction dim (Ci, K) included: it compiles with
+    fullgraph (before the fix: AssertionError in ``overwrite_tensor_vt_proxy``) and equals eager bit for bit."""
+    import quant
+    from quant import kernels
+
+    fast_path_on_cpu()
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_ops", None)  # the compiled call below imports the kernel ops inside its trace
+    torch.manual_seed(0)
+    make, shape = DYNAMIC_BLOCKS[kind]
+    block = make()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    x = torch.randn(shape)
+    for layer in quant.quantized_modules(block).values():
+        layer.quantizer.prime(x.device)
+    states = quant.sr_states(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
+    got = _step(compiled, x)  # compiled first: nothing has loaded the kernel ops before the trace
+    quant.load_sr_states(block, states)  # the eager step draws the same SR bits
+    eager = _step(block, x)
+    names = ["output", "input gradient"] + [f"{name} gradient" for name, _ in block.named_parameters()]
+    for name, actual, expected in zip(names, got, eager, strict=True):
+        assert_same_bits(actual, expected, f"{kind} {backward} (dynamic shapes): compiled vs eager {name}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv_transpose2d"])
+def test_input_that_does_not_fit_the_weight_is_refused_naming_the_layer(kind):
+    """The reduction-size check that specializes Ci / K before the Function is also the input check of eager calls."""
+    import quant
+    from quant.errors import QuantError
+
+    layers = {"linear": (nn.Linear(32, 16), (2, 48), "K = 32"),
+              "conv2d": (nn.Conv2d(16, 32, 3), (1, 32, 6, 6), "Ci = 16"),
+              "conv_transpose2d": (nn.ConvTranspose2d(32, 16, 2, stride=2), (1, 16, 4, 4), "Ci = 32")}
+    layer, shape, expected = layers[kind]
+    model = nn.Sequential(layer)
+    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="dequantized")))
+    with pytest.raises(QuantError, match=rf"^0: input of shape {re.escape(str(shape))} does not fit the weight: .*"
+                                         rf"{expected}$"):
+        model(torch.randn(shape))
