@@ -27,17 +27,14 @@ as in the first quantized call of a process); it fails without the fix for linea
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tests.quant.test_kernels import HAS_TRITON, IN_INTERPRETER, INTERPRETER_FLAG, REPO, assert_same_bits
+from tests.quant.test_kernels import HAS_TRITON, IN_INTERPRETER, assert_same_bits, run_interpreter_tests
 from tests.quant.test_kernels import fast_path_on_cpu  # noqa: F401  (fixture)
 
 interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the Triton-interpreter subprocess")
@@ -45,12 +42,7 @@ interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the Triton-i
 
 @pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton; this is the parent run")
 def test_compiled_blocks_under_autocast_in_the_interpreter():
-    env = {**os.environ, INTERPRETER_FLAG: "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "--noconftest", "-k", "test_interp_",
-               "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
+    run_interpreter_tests(str(Path(__file__)), timeout_s=300)
 
 
 class _Projections(nn.Module):
@@ -79,6 +71,21 @@ class _ConvBranches(nn.Module):
 BLOCKS = {"linear": (_Projections, (2, 8, 32)), "conv": (_ConvBranches, (2, 16, 4, 4))}
 
 
+def _quantized_block(make, shape: tuple[int, ...], backward: str) -> tuple[nn.Module, torch.Tensor, list]:
+    """A fresh NVFP4 block (seed 0) with primed SR states, its input, and the SR states to replay for the second step.
+    Resets Dynamo so every case traces from scratch."""
+    import quant
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = make()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    x = torch.randn(shape)
+    for layer in quant.quantized_modules(block).values():
+        layer.quantizer.prime(x.device)
+    return block, x, quant.sr_states(block)
+
+
 def _step(block: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Output, input gradient and parameter gradients of one BF16-autocast step."""
     block.zero_grad()
@@ -101,15 +108,7 @@ def test_interp_compiled_block_under_autocast_equals_eager(backward, kind, fast_
     import quant
 
     fast_path_on_cpu()
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    make, shape = BLOCKS[kind]
-    block = make()
-    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
-    x = torch.randn(shape)
-    for layer in quant.quantized_modules(block).values():
-        layer.quantizer.prime(x.device)
-    states = quant.sr_states(block)
+    block, x, states = _quantized_block(*BLOCKS[kind], backward)
     eager = _step(block, x)
     quant.load_sr_states(block, states)  # the compiled step draws the same SR bits
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
@@ -171,16 +170,8 @@ def test_interp_compiled_block_with_dynamic_reduction_dim_equals_eager(backward,
     from quant import kernels
 
     fast_path_on_cpu()
-    torch._dynamo.reset()
     monkeypatch.setattr(kernels, "_ops", None)  # the compiled call below imports the kernel ops inside its trace
-    torch.manual_seed(0)
-    make, shape = DYNAMIC_BLOCKS[kind]
-    block = make()
-    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
-    x = torch.randn(shape)
-    for layer in quant.quantized_modules(block).values():
-        layer.quantizer.prime(x.device)
-    states = quant.sr_states(block)
+    block, x, states = _quantized_block(*DYNAMIC_BLOCKS[kind], backward)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     got = _step(compiled, x)  # compiled first: nothing has loaded the kernel ops before the trace
     quant.load_sr_states(block, states)  # the eager step draws the same SR bits

@@ -117,14 +117,20 @@ def check_nvfp4(x: torch.Tensor, tile: tuple[int, int], rht_on: bool, kernel_ops
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU: the Triton interpreter in a subprocess
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton; this is the parent run")
-def test_interpreter_suite():
+def run_interpreter_tests(test_file: str, timeout_s: float) -> None:
+    """Run ``test_file``'s ``test_interp_*`` tests in a subprocess under the Triton interpreter (no CUDA) and assert
+    they all passed: the interpreter must be switched on before triton is imported, hence a fresh process."""
     env = {**os.environ, INTERPRETER_FLAG: "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "--noconftest", "-k", "test_interp_",
+    command = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "--noconftest", "-k", "test_interp_",
                "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.skipif(IN_INTERPRETER or not HAS_TRITON, reason="needs triton; this is the parent run")
+def test_interpreter_suite():
+    run_interpreter_tests(str(Path(__file__)), timeout_s=600)
 
 
 @interp
