@@ -10,7 +10,9 @@ batch already on the device, for models built by ``models.build_model`` from the
 
 Modes: ``bf16`` (no quantization) and ``nvfp4-<backward>`` for ``dequantized``, ``full`` and ``high_precision``
 (``quant.Recipe.backward``; TE's default recipe otherwise: 16x16 weights, SR on dY, RHT on the wgrad operands; the
-model's own high-precision layers, e.g. embeddings and stems, stay BF16). A ``+tf32`` suffix runs a mode with TF32
+model's own high-precision layers, e.g. embeddings and stems, stay BF16); the peer row ``torchao-nvfp4-dequantized``
+(``bench/torchao_nvfp4.py``: torchao's NVFP4 quantize/dequantize on the same Linear layers, dequantized backward;
+decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32`` suffix runs a mode with TF32
 matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact under BF16 autocast, so TF32
 changes only the accumulation. Each mode runs eager and, for ``--compile-models``, with each block
 (``quant.find_blocks``) compiled by ``torch.compile``. Times are medians of CUDA-event timings over ``--steps`` steps
@@ -46,12 +48,13 @@ from torch import Tensor, nn
 from torch._dynamo.utils import counters as dynamo_counters
 
 import quant
+from bench import torchao_nvfp4
 from bench.timing import Timing, environment, measure, table, write_json
 from conf.schemas.model import LLMConfig, ResNetConfig, UNetConfig
 from data.info import DataInfo
 from models import build_model
 
-MODES = ("bf16", "nvfp4-dequantized", "nvfp4-full", "nvfp4-high_precision")
+MODES = ("bf16", "nvfp4-dequantized", "nvfp4-full", "nvfp4-high_precision", torchao_nvfp4.MODE)
 TF32_SUFFIX = "+tf32"  # e.g. nvfp4-full+tf32: the same step with TF32 matmuls allowed (what-if for quant.gemm)
 COMPILE_SETTINGS = ("eager", "blocks")
 
@@ -127,17 +130,19 @@ def workloads(quick: bool) -> dict[str, Workload]:
 
 
 def build(work: Workload, mode: str, device: torch.device
-          ) -> tuple[nn.Module, quant.QuantReport | None, tuple[str, ...]]:
-    """The model on ``device``, quantized for ``mode``; its quant report; its block names (found before the swap:
-    ``quant.find_blocks`` auto-detects blocks by their plain nn GEMM layers)."""
+          ) -> tuple[nn.Module, tuple[str, ...] | None, tuple[str, ...]]:
+    """The model on ``device``, quantized for ``mode``; the names of its quantized layers (None for BF16); its block
+    names (found before the swap: ``quant.find_blocks`` auto-detects blocks by their plain nn GEMM layers)."""
     torch.manual_seed(0)
     model = build_model(work.config, work.info).to(device)
     blocks = quant.find_blocks(model)
-    report = None
-    if mode != "bf16":
-        backward = mode.removesuffix(TF32_SUFFIX).removeprefix("nvfp4-")
-        report = quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
-    return model, report, blocks
+    if mode == "bf16":
+        return model, None, blocks
+    if mode.removesuffix(TF32_SUFFIX) == torchao_nvfp4.MODE:
+        return model, torchao_nvfp4.apply(model), blocks
+    backward = mode.removesuffix(TF32_SUFFIX).removeprefix("nvfp4-")
+    report = quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    return model, tuple(report.quantized_names()), blocks
 
 
 def prime_sr_states(model: nn.Module, device: torch.device) -> None:
@@ -173,9 +178,9 @@ def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callabl
 
 def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespace, device: torch.device
                 ) -> dict[str, object]:
-    model, report, blocks = build(work, mode, device)
+    model, quantized, blocks = build(work, mode, device)
     row: dict[str, object] = {"model": work.name, "mode": mode, "compile": setting,
-                              "quantized_layers": None if report is None else report.num_quantized}
+                              "quantized_layers": None if quantized is None else len(quantized)}
     prime_sr_states(model, device)
     if setting == "blocks":
         row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
@@ -214,10 +219,13 @@ def _release(device: torch.device) -> None:
 
 def graph_breaks(work: Workload, mode: str, device: torch.device) -> dict[str, object]:
     """``torch._dynamo.explain`` of the first block that holds a quantized layer, forward under BF16 autocast."""
-    model, report, blocks = build(work, mode, device)
+    try:
+        model, quantized_names, blocks = build(work, mode, device)
+    except (ImportError, ValueError) as error:  # a peer row that cannot serve this model: said, as in the timing rows
+        return {"model": work.name, "mode": mode, "block": None, "error": str(error).splitlines()[0][:300]}
     prime_sr_states(model, device)
     modules = dict(model.named_modules())
-    quantized = set(report.quantized_names()) if report else set()
+    quantized = set(quantized_names or ())
     block_name = next((b for b in blocks if any(q.startswith(f"{b}.") for q in quantized)), None)
     if block_name is None:
         return {"model": work.name, "mode": mode, "block": None}
