@@ -202,10 +202,13 @@ class LayerQuantizer:
         return torch.stack((state, state + step))  # [[key, c], [key, c + 1]]
 
     def prime(self, device: torch.device) -> None:
-        """Create the kernel path's SR state on ``device`` now. Optional: ``sr_seeds`` creates it on first use, which
-        under torch.compile costs one graph break in the first compiled call of each layer (never later)."""
-        if (self.backward == "full" and "grad" in self.roles and self.format_of("grad").uses_sr(self.recipe)
-                and kernels.enabled_for(torch.empty(0, device=device))):
+        """Load the kernels (importing Triton) and create the kernel path's SR state on ``device`` now, before anything
+        is compiled. Optional: the first call does both, but inside a traced region the import is a side effect that
+        makes Dynamo return every intermediate of the Function's forward, and creating the SR state costs one graph
+        break in the first compiled call of each layer (never later)."""
+        if not kernels.enabled_for(torch.empty(0, device=device)):  # loads the kernel module on a kernel device
+            return
+        if self.backward == "full" and "grad" in self.roles and self.format_of("grad").uses_sr(self.recipe):
             self._place_philox(torch.device(device))
 
     @torch.compiler.disable

@@ -170,8 +170,8 @@ def test_interp_compiled_block_with_dynamic_reduction_dim_equals_eager(backward,
     from quant import kernels
 
     fast_path_on_cpu()
-    monkeypatch.setattr(kernels, "_ops", None)  # the compiled call below imports the kernel ops inside its trace
     block, x, states = _quantized_block(*DYNAMIC_BLOCKS[kind], backward)
+    monkeypatch.setattr(kernels, "_ops", None)  # unprimed: the compiled call below imports the kernel ops in its trace
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
     got = _step(compiled, x)  # compiled first: nothing has loaded the kernel ops before the trace
     quant.load_sr_states(block, states)  # the eager step draws the same SR bits
