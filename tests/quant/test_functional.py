@@ -36,10 +36,11 @@ def assert_bf16_close(actual: torch.Tensor, reference64: torch.Tensor) -> None:
     torch.testing.assert_close(actual.double(), ref, rtol=2.0**-7, atol=slack)
 
 
-def quantized_layer(module: nn.Module, **policy) -> nn.Module:
-    """``module`` swapped for its QAT twin by ``quant.apply`` (inside a throwaway container)."""
+def quantized_layer(module: nn.Module, format: str = "nvfp4", **policy) -> nn.Module:
+    """``module`` swapped for its QAT twin by ``quant.apply`` under ``quant.Policy(format, **policy)`` (inside a
+    throwaway container)."""
     holder = nn.Sequential(module)
-    report = quant.apply(holder, quant.Policy(format="nvfp4", **policy))
+    report = quant.apply(holder, quant.Policy(format=format, **policy))
     assert report.num_quantized == 1, report.table()
     return holder[0]
 

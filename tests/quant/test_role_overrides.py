@@ -26,27 +26,13 @@ from conf.errors import ConfigError
 from qat_reference import exact_fp32_sum, round_like_epilogue
 from quant import export, fp8, nvfp4, te_backend
 from quant.errors import QuantError
+from tests.quant.test_functional import assert_bf16_close, quantized_layer
 from tests.tiny import overrides
 from trainers.app import run, validate
 
 BF16 = torch.bfloat16
 FP8_INPUT = {"input": {"format": "fp8", "options": {"fp8_format": "e4m3"}}}
 FP8_GRAD = {"grad": {"format": "fp8", "options": {"fp8_format": "e5m2"}}}
-
-
-def assert_bf16_close(actual: torch.Tensor, reference64: torch.Tensor) -> None:
-    """actual within 1 BF16 ulp of the float64 reference (+ FP32 summation-order slack of 2^-20 of its max)."""
-    ref = reference64.to(BF16).double()
-    slack = 2.0**-20 * float(reference64.abs().max())
-    torch.testing.assert_close(actual.double(), ref, rtol=2.0**-7, atol=slack)
-
-
-def quantized(module: nn.Module, **policy) -> nn.Module:
-    """``module`` swapped for its QAT twin under ``quant.Policy(**policy)`` (inside a throwaway container)."""
-    holder = nn.Sequential(module)
-    report = quant.apply(holder, quant.Policy(**policy))
-    assert report.num_quantized == 1, report.table()
-    return holder[0]
 
 
 def fp8_input(tokens: int, features: int) -> torch.Tensor:
@@ -69,7 +55,7 @@ def fq_tokens(rows: torch.Tensor) -> torch.Tensor:
 def test_w4a8_linear_forward_is_fp8_input_times_nvfp4_weight_bit_for_bit(two_d):
     torch.manual_seed(0)
     recipe = quant.Recipe(disable_2d_quantization=not two_d)
-    layer = quantized(nn.Linear(64, 32), format="nvfp4", recipe=recipe, role_overrides=FP8_INPUT)
+    layer = quantized_layer(nn.Linear(64, 32), format="nvfp4", recipe=recipe, role_overrides=FP8_INPUT)
     x = fp8_input(24, 64)
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
@@ -84,7 +70,7 @@ def test_w4a8_linear_forward_is_fp8_input_times_nvfp4_weight_bit_for_bit(two_d):
     assert y.dtype == BF16
     assert torch.equal(y[exact].view(torch.int16), ref[exact].view(torch.int16))
     # Not the W4A4 layer: the same weights with an NVFP4 input give another output.
-    w4a4 = quantized(nn.Linear(64, 32), format="nvfp4", recipe=recipe)
+    w4a4 = quantized_layer(nn.Linear(64, 32), format="nvfp4", recipe=recipe)
     w4a4.load_state_dict(layer.state_dict())
     with torch.autocast("cpu", dtype=BF16):
         assert not torch.equal(w4a4(x), y)
@@ -92,7 +78,7 @@ def test_w4a8_linear_forward_is_fp8_input_times_nvfp4_weight_bit_for_bit(two_d):
 
 def test_w4a8_conv_forward_is_fp8_input_times_nvfp4_weight():
     torch.manual_seed(1)
-    layer = quantized(nn.Conv2d(16, 32, 3, padding=1), format="nvfp4", role_overrides=FP8_INPUT)
+    layer = quantized_layer(nn.Conv2d(16, 32, 3, padding=1), format="nvfp4", role_overrides=FP8_INPUT)
     x = torch.randn(2, 16, 5, 5)
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
@@ -156,7 +142,7 @@ def test_w4a8_full_backward_runs_wgrad_without_the_rht():
 def test_nf4_weights_with_fp8_activations_quantize_both_roles():
     torch.manual_seed(5)
     assert quant.Policy(format="nf4", role_overrides={"input": "fp8"}).effective_roles == {"weight", "input"}
-    layer = quantized(nn.Linear(64, 32, bias=False), format="nf4", role_overrides={"input": "fp8"})
+    layer = quantized_layer(nn.Linear(64, 32, bias=False), format="nf4", role_overrides={"input": "fp8"})
     x = torch.randn(8, 64)
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
@@ -257,11 +243,11 @@ def test_shapes_are_checked_against_each_roles_own_blocks():
 
 
 def test_mixed_layers_refuse_fp16_only_when_a_role_is_nvfp4():
-    w4a8 = quantized(nn.Linear(32, 16), format="nvfp4", role_overrides=FP8_INPUT)
+    w4a8 = quantized_layer(nn.Linear(32, 16), format="nvfp4", role_overrides=FP8_INPUT)
     with torch.autocast("cpu", dtype=torch.float16), pytest.raises(QuantError, match=r"NVFP4 cannot compute in "
                                                                    r"float16 \(NVFP4 roles: weight, grad"):
         w4a8(torch.randn(4, 32))
-    fp8_only = quantized(nn.Linear(32, 16), format="nvfp4", role_overrides={r: "fp8" for r in ("weight", "input",
+    fp8_only = quantized_layer(nn.Linear(32, 16), format="nvfp4", role_overrides={r: "fp8" for r in ("weight", "input",
                                                                                                   "grad")})
     with torch.autocast("cpu", dtype=torch.float16):
         assert fp8_only(torch.randn(4, 32)).dtype == torch.float16
