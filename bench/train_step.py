@@ -255,8 +255,11 @@ def graph_breaks(work: Workload, mode: str, device: torch.device) -> dict[str, o
     return {"model": work.name, "mode": mode, "block": block_name, **result}
 
 
-def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> list[dict[str, object]]:
-    """Top CUDA kernels (self device time) over a few eager steps of one model/mode."""
+def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> dict[str, object]:
+    """Where a step's time goes, over a few eager steps of one model/mode: wall time, the GPU's busy time (the sum of
+    its kernel and copy durations; one stream) and the top kernels by device time and CPU operators by self CPU
+    time. A busy time well below the wall time means the step is bound by the host (Python and launches), not by the
+    kernels."""
     model, _, _ = build(work, mode, device)
     step = make_step(model, work, device)
     for _ in range(2):
@@ -266,16 +269,27 @@ def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> 
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=activities) as prof:
+        begin = time.perf_counter()
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:20]
+        wall_s = time.perf_counter() - begin
+    averages = prof.key_averages()
+    on_device = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:20]
+    cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
     del model, step
     _release(device)
-    return [{"name": e.key[:90], "calls": e.count, "ms_per_step": getattr(e, sort_key) / 1e3 / steps}
-            for e in events]
+    return {
+        "wall_ms_per_step": wall_s * 1e3 / steps,  # with the profiler's own host overhead
+        "gpu_busy_ms_per_step": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
+        "kernel_launches_per_step": sum(e.count for e in on_device) / steps,
+        "kernels": [{"name": e.key[:90], "calls": e.count / steps, "ms_per_step": e.self_device_time_total / 1e3 / steps}
+                    for e in kernels],
+        "cpu_ops": [{"name": e.key[:90], "calls": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+                    for e in cpu_ops],
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
@@ -355,10 +369,13 @@ def report(result: dict[str, object]) -> str:
         lines.append(f"graph breaks {g['model']} {g['mode']} block {g['block']}: graphs={g.get('graphs')} "
                      f"breaks={g.get('graph_breaks')}" + (f" error: {g['error']}" if "error" in g else ""))
         lines += [f"    {count}x {reason}" for reason, count in g.get("reasons", {}).items()]
-    for spec, kernels_top in result.get("profile", {}).items():
-        lines.append(f"profile {spec} (top kernels, ms per step):")
-        lines.append(table(["kernel", "calls", "ms/step"],
-                           [[k["name"], k["calls"], f"{k['ms_per_step']:.3f}"] for k in kernels_top[:15]]))
+    for spec, p in result.get("profile", {}).items():
+        lines.append(f"profile {spec}: wall {p['wall_ms_per_step']:.1f} ms/step (profiled), GPU busy "
+                     f"{p['gpu_busy_ms_per_step']:.1f} ms/step, {p['kernel_launches_per_step']:.0f} kernels/step")
+        for title, key in (("top kernels (device time)", "kernels"), ("top CPU operators (self CPU time)", "cpu_ops")):
+            lines.append(f"  {title}:")
+            lines.append(table(["name", "calls/step", "ms/step"],
+                               [[k["name"], f"{k['calls']:.0f}", f"{k['ms_per_step']:.3f}"] for k in p[key][:15]]))
     return "\n".join(lines)
 
 
