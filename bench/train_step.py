@@ -56,7 +56,7 @@ from models import build_model
 
 MODES = ("bf16", "nvfp4-dequantized", "nvfp4-full", "nvfp4-high_precision", torchao_nvfp4.MODE)
 TF32_SUFFIX = "+tf32"  # e.g. nvfp4-full+tf32: the same step with TF32 matmuls allowed (what-if for quant.gemm)
-COMPILE_SETTINGS = ("eager", "blocks")
+COMPILE_SETTINGS = ("eager", "blocks", "graph", "blocks+graph")
 
 
 @dataclass(frozen=True)
@@ -160,13 +160,16 @@ def compile_blocks(model: nn.Module, blocks: tuple[str, ...], backend: str) -> i
     return len(blocks)
 
 
-def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callable[[], Tensor]:
+def make_step(model: nn.Module, work: Workload, device: torch.device, for_graph: bool = False
+              ) -> Callable[[], Tensor]:
+    """One training step on a fixed batch. ``for_graph``: written to be captured in a CUDA graph (AdamW keeps its
+    step counts on the device, autocast caches no weight casts across the capture)."""
     inputs, target = work.batch(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=for_graph)
 
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not for_graph):
             out = model(inputs)
         loss = work.loss(out, target)
         loss.backward()
@@ -176,15 +179,40 @@ def make_step(model: nn.Module, work: Workload, device: torch.device) -> Callabl
     return step
 
 
+def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3) -> Callable[[], Tensor]:
+    """``step`` captured in one CUDA graph (forward, backward, optimizer): each call replays it, so the host issues
+    one launch per step instead of thousands (a step of these models is otherwise bound by Python and launch
+    overhead). Warm-up steps run on a side stream first, as capture requires; the SR counters advance on every
+    replay (``quant.functional``) and the NaN/Inf flag is written by every replay (``checks.raise_pending``)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> Tensor:
+        graph.replay()
+        return loss
+
+    return replay
+
+
 def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespace, device: torch.device
                 ) -> dict[str, object]:
+    compiled, graph = setting.startswith("blocks"), setting.endswith("graph")
+    if graph and device.type != "cuda":
+        raise RuntimeError(f"--compile {setting} captures CUDA graphs: it needs a CUDA device")
     model, quantized, blocks = build(work, mode, device)
     row: dict[str, object] = {"model": work.name, "mode": mode, "compile": setting,
                               "quantized_layers": None if quantized is None else len(quantized)}
     prime_sr_states(model, device)
-    if setting == "blocks":
+    if compiled:
         row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
-    step = make_step(model, work, device)
+    step = make_step(model, work, device, for_graph=graph)
     dynamo_counters.clear()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = mode.endswith(TF32_SUFFIX)
@@ -192,10 +220,12 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
         begin = time.perf_counter()
         row["first_loss"] = float(step())  # first step: compilation, lazy generator creation; same weights and batch
         row["first_step_s"] = time.perf_counter() - begin
+        if graph:
+            step = graphed(step, device)
         row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    if setting == "blocks":  # over all steps: a per-layer recompile or a graph break would show here
+    if compiled:  # over all steps: a per-layer recompile or a graph break would show here
         row["dynamo_graphs"] = dynamo_counters["stats"]["unique_graphs"]
         row["dynamo_graph_breaks"] = sum(dynamo_counters["graph_break"].values())
     if device.type == "cuda":
@@ -302,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     compiled_models = args.models.split(",") if args.compile_models == "all" else args.compile_models.split(",")
     for name in args.models.split(","):  # model by model, in the order given: a time limit cuts the last ones
         for setting in args.compile.split(","):
-            if setting != "eager" and name not in compiled_models:
+            if setting.startswith("blocks") and name not in compiled_models:
                 continue
             for mode in args.modes.split(","):
                 if time.perf_counter() > deadline:
@@ -336,31 +366,33 @@ def diagnose(result: dict[str, object], args: argparse.Namespace, works: dict[st
 
 
 def _add_ratios(rows: list[dict[str, object]]) -> None:
+    """Each row's time against the BF16 step of the same setting, of BF16 eager, and of BF16 with compiled blocks
+    (issue 6's baseline), all of the same model and run."""
     base = {(r["model"], r["compile"]): r["timing"].median_ms for r in rows
             if r.get("mode") == "bf16" and "timing" in r}
-    eager = {r["model"]: r["timing"].median_ms for r in rows if r.get("mode") == "bf16" and r.get("compile") == "eager"
-             and "timing" in r}
     for r in rows:
-        if "timing" in r and (r["model"], r["compile"]) in base:
-            r["ratio_vs_bf16_same_compile"] = r["timing"].median_ms / base[(r["model"], r["compile"])]
-        if "timing" in r and r["model"] in eager:
-            r["ratio_vs_bf16_eager"] = r["timing"].median_ms / eager[r["model"]]
+        if "timing" not in r:
+            continue
+        for key, setting in (("ratio_vs_bf16_same_compile", r["compile"]), ("ratio_vs_bf16_eager", "eager"),
+                             ("ratio_vs_bf16_blocks", "blocks")):
+            if (r["model"], setting) in base:
+                r[key] = r["timing"].median_ms / base[(r["model"], setting)]
 
 
 def report(result: dict[str, object]) -> str:
     env = result["environment"]
     lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
-    header = ["model", "mode", "compile", "ms/step", "p10-p90", "vs bf16 (same)", "vs bf16 eager", "1st step s",
-              "1st loss", "peak GiB", "quantized", "graphs/breaks"]
+    header = ["model", "mode", "compile", "ms/step", "p10-p90", "vs bf16 (same)", "vs bf16 eager",
+              "vs bf16 blocks", "1st step s", "1st loss", "peak GiB", "quantized", "graphs/breaks"]
     rows = []
     for r in result["rows"]:
         if "skipped" in r:
-            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 8)
+            rows.append([r["model"], r["mode"], r["compile"], f"skipped: {r['skipped']}"] + [None] * 9)
             continue
         t: Timing = r["timing"]
         rows.append([r["model"], r["mode"], r["compile"], f"{t.median_ms:.2f}", t.spread(),
                      _fmt(r.get("ratio_vs_bf16_same_compile"), "{:.2f}x"),
-                     _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"),
+                     _fmt(r.get("ratio_vs_bf16_eager"), "{:.2f}x"), _fmt(r.get("ratio_vs_bf16_blocks"), "{:.2f}x"),
                      f"{r['first_step_s']:.1f}", f"{r['first_loss']:.4f}", _fmt(r.get("peak_memory_gib"), "{:.1f}"),
                      r["quantized_layers"],
                      f"{r['dynamo_graphs']}/{r['dynamo_graph_breaks']}" if "dynamo_graphs" in r else None])
@@ -387,7 +419,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="default: decoder,resnet50,unet (--quick: decoder)")
     parser.add_argument("--modes", default=None, help=f"default: {','.join(MODES)} (--quick: bf16,nvfp4-full)")
-    parser.add_argument("--compile", default=",".join(COMPILE_SETTINGS), help="eager and/or blocks")
+    parser.add_argument("--compile", default="eager,blocks",
+                        help=f"comma list of {', '.join(COMPILE_SETTINGS)} (+graph: the whole step in a CUDA graph)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--compile-models", default="all", help="models that also get the compiled rows")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) step")

@@ -194,12 +194,7 @@ class LayerQuantizer:
             return None
         if self._philox is None or self._philox.device != x.device:
             self._place_philox(x.device)
-        state = self._philox
-        step = torch.arange(2, dtype=torch.int64, device=state.device)  # [0, 1]: counters c and c + 1
-        # A new state tensor, not an in-place add: AOTAutograd may recompute ``seeds`` from the state in the backward
-        # graph, which would then read a mutated input (the counters of the next call).
-        self._philox = state + 2 * step
-        return torch.stack((state, state + step))  # [[key, c], [key, c + 1]]
+        return _advance_sr_counters(self._philox)
 
     def prime(self, device: torch.device) -> None:
         """Load the kernels (importing Triton) and create the kernel path's SR state on ``device`` now, before anything
@@ -334,6 +329,40 @@ class LayerQuantizer:
         if self.reuses_fprop_weight():
             return gemm.Relaid(kept, to_dgrad) if gemm.is_nvfp4(kept) else to_dgrad(kept)
         return self.operand("dgrad_weight", to_dgrad(fprop_matrix(kept)), dtype, scaled_dtype=scaled_dtype)
+
+
+def _reserve_sr_counters(state: Tensor) -> Tensor:
+    """The seeds of one call's two SR operands, int64 [2, 2] = [[key, c], [key, c + 1]], from the Philox state
+    [key, c]; the state advances to [key, c + 2] in place.
+
+    Why in place, inside a custom op that declares the mutation: a CUDA graph (``torch.cuda.graph`` around a training
+    step, compiled blocks included) replays its kernels on the addresses it captured, so the counter must advance in
+    the state tensor itself, or every replay would draw the same bits. Declared as a mutation, torch.compile
+    functionalizes it (the new state is copied back into the input at the graph's end) and the seeds are the op's
+    output, which the backward graph receives as a saved tensor: an in-place ``add_`` traced as plain tensor ops let
+    AOTAutograd's partitioner recompute the seeds in the backward from the already advanced state (the counters of
+    the next call)."""
+    step = torch.arange(2, dtype=torch.int64, device=state.device)  # [0, 1]
+    seeds = torch.stack((state, state + step))
+    state.add_(2 * step)
+    return seeds
+
+
+_reserve_sr_counters_op = torch.library.custom_op("fp4lab::reserve_sr_counters", _reserve_sr_counters,
+                                                  mutates_args=("state",))
+
+
+@_reserve_sr_counters_op.register_fake
+def _(state: Tensor) -> Tensor:
+    return state.new_empty(2, 2)
+
+
+def _advance_sr_counters(state: Tensor) -> Tensor:
+    """``_reserve_sr_counters``: the custom op while torch.compile traces, the plain function otherwise (the
+    dispatcher costs host time on every eager call)."""
+    if torch.compiler.is_compiling():
+        return _reserve_sr_counters_op(state)
+    return _reserve_sr_counters(state)
 
 
 def _fresh_generator_state(seed: int) -> Tensor:

@@ -8,9 +8,11 @@ operands, and every synchronisation drains the launch queue, so the kernel path 
   +inf and, when a tile is non-finite, ``atomic_min`` the ticket into one int64 flag per device, so the flag holds
   the first poisoned call. The quantize kernels also write NaN values and 0x7F / 0xFF (NaN) scale bytes for a
   poisoned tensor, so nothing downstream can look valid;
-* ``poll`` (after each launch) keeps at most one non-blocking copy of the flag to pinned host memory in flight,
-  checks it once its CUDA event has completed, and raises ``QuantError`` naming the first poisoned tensor: a few
-  quantizations late (the message says so), never silently, with no added kernel launch and no synchronisation.
+* ``poll`` (after each launch; it looks every ``_POLL_EVERY``-th call) keeps at most one non-blocking copy of the flag
+  to pinned host memory in flight, checks it once its CUDA event has completed, and raises ``QuantError`` naming the
+  first poisoned tensor: a few quantizations late (the message says so), never silently, with no added kernel launch
+  and no synchronisation. Inside a CUDA graph capture it does nothing (no host reads there); the kernels still write
+  the flag on every replay, and ``raise_pending`` after the replays reports it.
 
 ``raise_pending()`` synchronises and checks everything launched so far (tests, end of a run, ``bench/``). The
 environment variable ``FP4LAB_SYNC_CHECKS=1`` (or ``set_synchronous(True)``) checks after each tensor, as the
@@ -35,6 +37,9 @@ from quant.errors import QuantError, describe
 CLEAR = torch.iinfo(torch.int64).max  # flag value while no poisoned tensor has been seen
 _HISTORY = 1 << 16  # tickets whose names are remembered (a poisoned ticket older than this is reported without name)
 _synchronous = os.environ.get("FP4LAB_SYNC_CHECKS", "0") == "1"
+# ``poll`` looks at the flag after every _POLL_EVERY-th quantization: an event query or a copy costs host time
+# comparable to a launch, and a poisoned tensor is still reported a few quantizations late.
+_POLL_EVERY = 8
 
 
 _owners: dict[int, str] = {}  # handle -> layer name (register_owner)
@@ -75,6 +80,7 @@ class _DeviceFlag:
     flag: Tensor  # int64 [1] on the device: smallest poisoned ticket, or CLEAR
     host: Tensor  # pinned int64 [1]: the last copy of ``flag``
     copy_done: torch.cuda.Event | None = None  # event behind the copy in flight (None: no copy in flight)
+    skipped: int = 0  # polls since the last look at the flag (``_POLL_EVERY``)
     # ticket -> (format, name, stage, owner handle or None)
     names: dict[int, tuple[str, str | None, str, Tensor | None]] = field(default_factory=dict)
 
@@ -110,8 +116,14 @@ def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "", ow
 def poll(device: torch.device) -> None:
     """After a launch: raise for a poisoned tensor already seen by the host, keep one flag copy in flight."""
     state = _flags[device]
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        return  # a CUDA graph capture: no host read or event query; the flag is checked after replays (raise_pending)
     if device.type != "cuda" or _synchronous:
         _raise_if_poisoned(state, int(state.flag[0]), late=False)
+        return
+    state.skipped = (state.skipped + 1) % _POLL_EVERY
+    if state.skipped:
         return
     if state.copy_done is not None:
         if not state.copy_done.query():

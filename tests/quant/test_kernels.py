@@ -778,6 +778,79 @@ def test_gpu_compiled_quantized_linear_has_no_graph_break(backward):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=2e-2, atol=1e-6)
 
 
+@gpu_test
+def test_gpu_poll_reports_a_poisoned_tensor_without_raise_pending():
+    from quant.kernels import checks
+
+    x = torch.randn(256, 256, device="cuda")
+    x[3, 5] = float("inf")
+    with pytest.raises(QuantError, match="'layer.x'.*found by the asynchronous check"):
+        nvfp4.quantize(x, name="layer.x")
+        for _ in range(4 * checks._POLL_EVERY):  # the throttled poll must see the flag within a few quantizations
+            torch.cuda.synchronize()
+            nvfp4.quantize(torch.randn(16, 16, device="cuda"))
+    checks.raise_pending()
+
+
+def _captured_training_step(model: torch.nn.Module, x: torch.Tensor):
+    """(step, grads): one forward + backward of ``model`` under BF16 autocast; grads are the parameters' .grad."""
+    def step() -> list[torch.Tensor]:
+        for p in model.parameters():
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = model(x)
+        y.float().square().mean().backward()
+        return [p.grad for p in model.parameters()]
+
+    return step
+
+
+@gpu_test
+def test_gpu_cuda_graph_replays_equal_eager_steps_and_advance_sr_counters():
+    """A forward + backward captured in a CUDA graph (``backward=full``: SR on dY, RHT, 16x16 weights) replays the
+    bits of the same eager steps, with the SR counters advancing on every replay; a NaN fed to a replay is reported
+    by ``raise_pending``."""
+    import quant
+    from quant.kernels import checks
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.GELU(),
+                                    torch.nn.Linear(512, 256)).cuda()
+        quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full")))
+        for layer in quant.quantized_modules(model).values():
+            layer.quantizer.prime(torch.device("cuda"))
+        return model
+
+    x = torch.randn(128, 256, device="cuda")
+    eager_step = _captured_training_step(make(), x)
+    eager = [[g.clone() for g in eager_step()] for _ in range(5)]
+    graph_model = make()
+    step = _captured_training_step(graph_model, x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: eager steps 0 and 1
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append([g.clone() for g in grads])
+    for j, replay in enumerate(replays):  # replay j is eager step 2 + j: same weights, same SR counters
+        for i, (got, want) in enumerate(zip(replay, eager[2 + j])):
+            assert_same_bits(got, want, f"replay {j}, gradient {i}")
+    assert not torch.equal(replays[0][0], replays[1][0])  # SR drew new bits on the next replay
+    checks.raise_pending()
+    x.fill_(float("nan"))
+    graph.replay()
+    with pytest.raises(QuantError, match="NaN or Inf"):
+        checks.raise_pending()
+
+
 class _PublicNVFP4:
     """The public API with the names ``check_nvfp4`` expects (CUDA tensors dispatch to the kernels)."""
 
