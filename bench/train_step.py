@@ -179,11 +179,14 @@ def make_step(model: nn.Module, work: Workload, device: torch.device, for_graph:
     return step
 
 
-def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3) -> Callable[[], Tensor]:
+def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3, error_mode: str = "global"
+            ) -> Callable[[], Tensor]:
     """``step`` captured in one CUDA graph (forward, backward, optimizer): each call replays it, so the host issues
     one launch per step instead of thousands (a step of these models is otherwise bound by Python and launch
     overhead). Warm-up steps run on a side stream first, as capture requires; the SR counters advance on every
-    replay (``quant.functional``) and the NaN/Inf flag is written by every replay (``checks.raise_pending``)."""
+    replay (``quant.functional``) and the NaN/Inf flag is written by every replay (``checks.raise_pending``).
+    ``error_mode``: ``torch.cuda.graph``'s capture_error_mode ("thread_local" lets other threads, e.g. the autograd
+    engine's, make capture-unsafe CUDA calls that are not part of the step)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -191,7 +194,7 @@ def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3) -
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=error_mode):
         loss = step()
 
     def replay() -> Tensor:
@@ -221,7 +224,7 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
         row["first_loss"] = float(step())  # first step: compilation, lazy generator creation; same weights and batch
         row["first_step_s"] = time.perf_counter() - begin
         if graph:
-            step = graphed(step, device)
+            step = graphed(step, device, error_mode="thread_local" if compiled else "global")
         row["timing"] = measure(step, device, args.warmup, args.steps, flush=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
