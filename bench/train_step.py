@@ -194,7 +194,7 @@ def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3, e
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode=error_mode):
+    with torch.cuda.graph(graph, stream=side, capture_error_mode=error_mode):  # captured on the warm-up's stream
         loss = step()
 
     def replay() -> Tensor:

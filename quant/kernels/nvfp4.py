@@ -4,8 +4,7 @@ Why: the PyTorch reference (``quant.nvfp4``) materialises a float32 copy of the 
 a fake-quantize of an 8192x4096 BF16 tensor moves many times the bytes it must. Here every output comes from one read
 of the input after a separate global-amax reduction (the amax must be known before any block scale, SPEC 1.2 step 1):
 
-* ``_amax_kernel``: max |x| (of the RHT'ed tensor when ``RHT``) into a float32 cell with ``atomic_max``, one atomic per
-  program of a grid-stride loop (a few programs per SM). NaN counts as
+* ``_amax_kernel``: max |x| (of the RHT'ed tensor when ``RHT``) into a float32 cell with ``atomic_max``. NaN counts as
   +inf, so the amax is +inf iff the tensor holds a non-finite value ("poisoned"); such a tensor also leaves its
   ticket in the device's check flag (``quant.kernels.checks``).
 * ``_quantize_kernel``: per tile [BM, BK] the SPEC 1.2 chain in float32, one operation at a time (same order and
@@ -94,22 +93,18 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
     return tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
 
 
-@triton.jit(do_not_specialize=["M", "ticket", "tiles"])
-def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket, tiles,
+@triton.jit(do_not_specialize=["M", "ticket"])
+def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
                  RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr):
-    # A few programs per SM, each folding every num_programs-th tile into an elementwise running max, then one atomic
-    # per program: atomics on one address serialise in L2, and one per tile cost as much as reading the tensor.
-    tiles_k = tl.cdiv(K, BK)
-    running = tl.zeros((BM, BK), dtype=tl.float32)
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        x = _load_tile(x_ptr, stride_m, stride_k, M, K, tile // tiles_k, tile % tiles_k, BM, BK)
-        if RHT:
-            x = rht_tile(x, BM, BK, SIGN_MASK)
-        else:
-            x = x.to(tl.float32)
-        running = tl.maximum(running, tl.where(x != x, float("inf"), tl.abs(x)))  # NaN -> +inf: amax +inf iff not finite
-    tile_max = tl.max(tl.max(running, axis=1), axis=0)
+    pid_m, pid_k = tile_index(K, BK, False)
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+    if RHT:
+        x = rht_tile(x, BM, BK, SIGN_MASK)
+    else:
+        x = x.to(tl.float32)
+    a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax is +inf iff a value is not finite
+    tile_max = tl.max(tl.max(a, axis=1), axis=0)
     tl.atomic_max(amax_ptr, tile_max)
     tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)  # quant.kernels.checks
 
@@ -255,30 +250,15 @@ def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
     return bm, bk
 
 
-_PROGRAMS_PER_SM = 4  # of the amax reduction (``_amax_kernel``)
-_sm_counts: dict[int, int] = {}
-
-
-def reduction_programs(device: torch.device, tiles: int) -> int:
-    """Programs of a grid-stride reduction over ``tiles`` tiles: a few per SM (8 on CPU, for the interpreter)."""
-    if device.type != "cuda":
-        return max(1, min(tiles, 8))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(tiles, _PROGRAMS_PER_SM * _sm_counts[index]))
-
-
 def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
     """max |x| (of RHT(x) if ``rht``) as float32 [1]; +inf if x holds NaN or Inf (or the RHT overflows BF16), in which
     case ``ticket`` is atomic-min'ed into the int64 ``flag`` (``quant.kernels.checks``)."""
     m, k = x2d.shape
     bm, bk = tile_shape(m, k)
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
-    tiles = triton.cdiv(m, bm) * triton.cdiv(k, bk)
-    grid = (reduction_programs(x2d.device, tiles),)
-    _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, tiles, RHT=rht,
-                       SIGN_MASK=SIGN_MASK, FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options())
+    grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
+    _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,
+                       FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options())
     return amax
 
 
