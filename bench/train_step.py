@@ -36,11 +36,14 @@ Usage (repository root): python -m bench.train_step [--models decoder,resnet50,u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +182,25 @@ def make_step(model: nn.Module, work: Workload, device: torch.device, for_graph:
     return step
 
 
+@contextlib.contextmanager
+def _capture_code_paths() -> Iterator[None]:
+    """Inside this block transformers takes the branches it takes while a CUDA stream captures.
+
+    Why: transformers builds the decoder's attention mask differently during a capture (``is_tracing`` counts
+    ``torch.cuda.is_current_stream_capturing()``: an explicit mask instead of SDPA's causal flag). Compiled blocks
+    that first saw the other inputs during the capture would recompile there, and compiling inside a capture fails
+    (Inductor reads values to the host). Warming up on the capture's branches compiles them before the capture."""
+    utils = sys.modules.get("transformers.utils.import_utils")
+    if utils is None or not hasattr(utils, "is_cuda_stream_capturing"):
+        yield
+        return
+    original, utils.is_cuda_stream_capturing = utils.is_cuda_stream_capturing, lambda: True
+    try:
+        yield
+    finally:
+        utils.is_cuda_stream_capturing = original
+
+
 def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3, error_mode: str = "global"
             ) -> Callable[[], Tensor]:
     """``step`` captured in one CUDA graph (forward, backward, optimizer): each call replays it, so the host issues
@@ -189,7 +211,7 @@ def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3, e
     engine's, make capture-unsafe CUDA calls that are not part of the step)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), _capture_code_paths():
         for _ in range(warmup):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
@@ -345,6 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 try:
                     rows.append(time_config(works[name], mode, setting, args, device))
                 except Exception as error:  # noqa: BLE001 - a failing configuration is a result, not the end of the run
+                    traceback.print_exc()  # the whole chain in the log; the row keeps the last error's first line
                     rows.append({"model": name, "mode": mode, "compile": setting,
                                  "skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"})
                     _release(device)
