@@ -8,6 +8,7 @@ quantized layer's host time goes (Python functions by own time).
 
     python -m bench.host_overhead --out host_overhead.json
     python -m bench.host_overhead --cprofile full
+    python -m bench.host_overhead --quick       # smoke run (CPU: the reference path)
 """
 from __future__ import annotations
 
@@ -122,7 +123,10 @@ def main() -> None:
     parser.add_argument("--cprofile", choices=MODES, help="also profile the quantized stack of this backward mode")
     parser.add_argument("--cprofile-top", type=int, default=30)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 3 calls per repeat, cProfile full")
     args = parser.parse_args()
+    if args.quick:
+        args.depth, args.calls, args.cprofile, args.cprofile_top = 2, 3, args.cprofile or "full", 5
     result = run(args)
     print(report(result))
     write_json(args.out, result)

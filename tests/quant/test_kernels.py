@@ -872,10 +872,11 @@ class _PublicMXFP4:
 # Benchmark smoke runs (CPU, tiny sizes): the scripts must keep working
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
-@pytest.mark.parametrize("script", ["kernel_throughput", "train_step"])
+@pytest.mark.parametrize("script", ["kernel_throughput", "train_step", "host_overhead"])
 def test_bench_quick_smoke(script, tmp_path):
     """``--quick`` end to end in a subprocess: kernel_throughput with the kernels in the Triton interpreter,
-    train_step on the tiny decoder (BF16 and NVFP4 full, eager and compiled blocks, graph-break check, profile)."""
+    train_step on the tiny decoder (BF16 and NVFP4 full, eager and compiled blocks, graph-break check, profile),
+    host_overhead on the reference path (every row, and the cProfile of a quantized stack)."""
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     if script == "kernel_throughput" and HAS_TRITON:
@@ -884,6 +885,10 @@ def test_bench_quick_smoke(script, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
+    if script == "host_overhead":
+        assert all(row["host_us"] > 0 for row in result["rows"]) and len(result["rows"]) == 8, result["rows"]
+        assert "tottime" in result["cprofile"] and f"{os.sep}quant{os.sep}" in result["cprofile"]
+        return
     timed = [row for row in result["rows"] if "timing" in row or "kernel" in row or "reference_eager" in row]
     assert timed and all(row.get("bit_exact", True) for row in result["rows"]), result["rows"]
     if script == "train_step":
