@@ -14,8 +14,10 @@ model's own high-precision layers, e.g. embeddings and stems, stay BF16); the pe
 (``bench/torchao_nvfp4.py``: torchao's NVFP4 quantize/dequantize on the same Linear layers, dequantized backward;
 decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32`` suffix runs a mode with TF32
 matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact under BF16 autocast, so TF32
-changes only the accumulation. Each mode runs eager and, for ``--compile-models``, with each block
-(``quant.find_blocks``) compiled by ``torch.compile``. Times are medians of CUDA-event timings over ``--steps`` steps
+changes only the accumulation. Each mode runs in the ``--compile`` settings: ``eager``; ``blocks``, each block
+(``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``); ``graph``, the whole step captured in
+one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the host's Python and launches, a replay is
+not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
 after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile spread; ratios are
 against the BF16 step of the same compile setting, measured in the same run. Models run in the order given, eager
 rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
@@ -24,12 +26,13 @@ Compiled rows also report how many graphs Dynamo compiled and how many graph bre
 (``graphs/breaks``): blocks of one shape must share their graphs (no per-layer recompiles). The layers'
 stochastic-rounding states are created before compilation (``LayerQuantizer.prime``).
 ``--check-graph-breaks`` prints ``torch._dynamo.explain`` of the first quantized block's forward (graphs, breaks and
-their reasons); ``--profile`` records the top CUDA kernels of a few steps of one model/mode; ``--quick`` is a tiny
+their reasons); ``--profile`` compares wall and GPU busy time over a few eager steps of one model/mode and lists the
+top kernels and CPU operators; ``--quick`` is a tiny
 CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hence omegaconf and hydra-core, for the
 config schemas) and ``transformers`` (decoder).
 
 Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-full,...]
-  [--compile eager,blocks] [--compile-models decoder] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder]]
+  [--compile eager,graph,blocks,blocks+graph] [--compile-models decoder] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder]]
   [--profile decoder:nvfp4-full]
   [--out results.json] [--quick]
 """

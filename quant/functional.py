@@ -98,9 +98,9 @@ class LayerQuantizer:
     * reference path (CPU, or CUDA without the kernels): a ``torch.Generator`` created lazily on the device of the
       first gradient it rounds; each SR operand draws its bits from it (``torch.randint``).
     * kernel path (CUDA with the Triton kernels): a Philox (key, counter) int64 tensor on the device. Each training
-      call reserves two counters (dgrad dY, wgrad dY^T) and advances the counter, as ordinary tensor ops, so
-      torch.compile traces SR without a graph break; the kernels draw 8 bits per element from Philox(key, (block,
-      counter)).
+      call reserves two counters (dgrad dY, wgrad dY^T) and advances the counter in place on the device
+      (``_reserve_sr_counters``), so torch.compile traces SR without a graph break and a CUDA graph's replays draw
+      new bits; the kernels draw 8 bits per element from Philox(key, (block, counter)).
 
     The stream's state can be read and restored (``sr_state`` / ``load_sr_state``: the generator's state, or a
     24-byte Philox state) so a resumed run continues the same stream. Checkpoints hold rank 0's state: a state loaded
