@@ -203,6 +203,21 @@ def test_linear_full_backward_without_rht_uses_plain_token_blocks():
     assert_bf16_close(layer.weight.grad, dw)
 
 
+def test_sr_counter_reservation_returns_two_seeds_and_advances_the_state_in_place():
+    """The kernel path's SR counters: one call reserves (key, c) and (key, c + 1) and leaves (key, c + 2) in the same
+    tensor (a CUDA graph replays the advance on the captured tensor); eager and the custom op agree, also compiled."""
+    from quant import functional
+
+    key = (1 << 62) + 12345
+    for reserve in (functional._reserve_sr_counters, functional._reserve_sr_counters_op,
+                    torch.compile(functional._advance_sr_counters, backend="aot_eager", fullgraph=True)):
+        state = torch.tensor([key, 40], dtype=torch.int64)
+        storage = state.data_ptr()
+        seeds = [reserve(state).tolist() for _ in range(2)]
+        assert seeds == [[[key, 40], [key, 41]], [[key, 42], [key, 43]]]
+        assert state.tolist() == [key, 44] and state.data_ptr() == storage
+
+
 def test_stochastic_rounding_of_dy_is_unbiased_and_seeded():
     torch.manual_seed(4)
     layer = quantized_layer(nn.Linear(32, 16, bias=False))

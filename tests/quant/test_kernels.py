@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -893,6 +894,39 @@ def test_bench_quick_smoke(script, tmp_path):
     assert timed and all(row.get("bit_exact", True) for row in result["rows"]), result["rows"]
     if script == "train_step":
         assert {row["mode"] for row in timed} == {"bf16", "nvfp4-full"} and result["graph_breaks"] and result["profile"]
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
+def test_bench_train_step_graph_settings_refuse_a_cpu_device_by_name():
+    pytest.importorskip("omegaconf")
+    import argparse
+
+    from bench import train_step
+
+    work = train_step.workloads(quick=True)["decoder"]
+    args = argparse.Namespace(compile_backend="eager", warmup=0, steps=1)
+    for setting in ("graph", "blocks+graph"):
+        with pytest.raises(RuntimeError, match=re.escape(f"--compile {setting} captures CUDA graphs: it needs a CUDA")):
+            train_step.time_config(work, "bf16", setting, args, torch.device("cpu"))
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
+def test_bench_capture_code_paths_take_transformers_capture_branch_and_restore_it():
+    """The warm-up before a CUDA-graph capture sees transformers' capture-time branch (``is_tracing`` true), and the
+    library's own function is back afterwards, also after an error."""
+    utils = pytest.importorskip("transformers.utils.import_utils")
+    if not hasattr(utils, "is_cuda_stream_capturing"):
+        pytest.skip("this transformers has no capture-dependent branch")
+    pytest.importorskip("omegaconf")
+    from bench import train_step
+
+    original = utils.is_cuda_stream_capturing
+    assert not utils.is_tracing()
+    with pytest.raises(ValueError):
+        with train_step._capture_code_paths():
+            assert utils.is_tracing()
+            raise ValueError("inside")
+    assert utils.is_cuda_stream_capturing is original and not utils.is_tracing()
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="parent run only")
