@@ -210,7 +210,7 @@ class LayerQuantizer:
     def _place_philox(self, device: torch.device) -> None:
         """Create the Philox state on ``device`` (from a loaded state if any), or move it there; runs outside the
         trace so that compiled code never reads the seed."""
-        sr_counter_constants(device)
+        _sr_counter_constants(device)
         if self._philox is not None:
             self._philox = self._philox.to(device)
             return
@@ -343,24 +343,24 @@ def _reserve_sr_counters(state: Tensor) -> Tensor:
     output, which the backward graph receives as a saved tensor: an in-place ``add_`` traced as plain tensor ops let
     AOTAutograd's partitioner recompute the seeds in the backward from the already advanced state (the counters of
     the next call)."""
-    offsets, advance = sr_counter_constants(state.device)
+    offsets, advance = _sr_counter_constants(state.device)
     seeds = state + offsets  # [2] + [[0, 0], [0, 1]]
     state.add_(advance)  # + [0, 2]
     return seeds
 
 
-_sr_counter_constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+_SR_CONSTANTS: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
 
-def sr_counter_constants(device: torch.device) -> tuple[Tensor, Tensor]:
+def _sr_counter_constants(device: torch.device) -> tuple[Tensor, Tensor]:
     """The int64 constants of ``_reserve_sr_counters`` on ``device`` ([[0, 0], [0, 1]] and [0, 2]), made once per
     device: two launches per call instead of five, and no host-to-device copy inside a CUDA graph capture (the first
     call happens outside any capture: ``LayerQuantizer._place_philox`` makes them)."""
     device = torch.device(device)
-    if device not in _sr_counter_constants:
-        _sr_counter_constants[device] = (torch.tensor([[0, 0], [0, 1]], dtype=torch.int64, device=device),
+    if device not in _SR_CONSTANTS:
+        _SR_CONSTANTS[device] = (torch.tensor([[0, 0], [0, 1]], dtype=torch.int64, device=device),
                                          torch.tensor([0, 2], dtype=torch.int64, device=device))
-    return _sr_counter_constants[device]
+    return _SR_CONSTANTS[device]
 
 
 _reserve_sr_counters_op = torch.library.custom_op("fp4lab::reserve_sr_counters", _reserve_sr_counters,

@@ -116,8 +116,7 @@ def ticket(device: torch.device, fmt: str, name: str | None, stage: str = "", ow
 def poll(device: torch.device) -> None:
     """After a launch: raise for a poisoned tensor already seen by the host, keep one flag copy in flight."""
     state = _flags[device]
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return  # a CUDA graph capture: no host read or event query; the flag is checked after replays (raise_pending)
     if device.type != "cuda" or _synchronous:
         _raise_if_poisoned(state, int(state.flag[0]), late=False)
