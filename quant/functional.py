@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from quant import distributed, gemm, kernels, layer_formats, nvfp4
+from quant.shared_operands import OperandShare
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.kernels import checks
@@ -408,15 +409,58 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch.dtype, seed: Tensor | None
-                ) -> tuple[Operand, Operand]:
-    """Quantized wgrad operands dY^T [rows_a, T] and X^T [rows_b, T], blocked (and RHT'ed) along tokens T."""
+def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch.dtype, seed: Tensor | None,
+                input_source: Tensor | None = None) -> tuple[Operand, Operand]:
+    """Quantized wgrad operands dY^T [rows_a, T] and X^T [rows_b, T], blocked (and RHT'ed) along tokens T.
+
+    ``input_source``: the saved tensor X^T is a view of, when it is one (linear layers); layers that saved the same X
+    then share one X^T operand (``quant.shared_operands``)."""
     rht = q.wgrad_rht
     if rht:
-        grad_t, input_t = _pad_tokens(grad_t), _pad_tokens(input_t)
+        grad_t = _pad_tokens(grad_t)
     scaled = q.gemm_operand_dtype("grad", "input", torch.bfloat16)
+
+    def input_operand() -> Operand:
+        return q.operand("wgrad_input", _pad_tokens(input_t) if rht else input_t, dtype, rht=rht, scaled_dtype=scaled)
+
+    key = _share_key(q, "wgrad_input", "input", dtype, scaled, rht)
+    shared = input_source is not None and key is not None
     return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed, scaled_dtype=scaled),
-            q.operand("wgrad_input", input_t, dtype, rht=rht, scaled_dtype=scaled))
+            _BACKWARD_SHARE.get(input_source, key, input_operand) if shared else input_operand())
+
+
+# Operands shared by layers that read the same tensor (q/k/v, gate/up): one per key, see quant.shared_operands.
+_FORWARD_SHARE = OperandShare()
+_BACKWARD_SHARE = OperandShare()
+
+
+def _share_key(q: LayerQuantizer, slot: str, role: str, *settings: object) -> tuple | None:
+    """What an operand of ``slot`` depends on besides its source tensor; None when it is not shared: while
+    torch.compile traces (identity is not traceable), or with an amax reduced across ranks (the layers' reduction
+    groups may differ)."""
+    if torch.compiler.is_compiling() or q.amax_reduction.mode != "none":
+        return None
+    return (slot, role in q.roles, q.format_of(role), q.recipe, *settings)
+
+
+def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch.dtype | None
+                 ) -> tuple[Tensor, Operand]:
+    """X as [M, K] in the compute dtype and its forward operand; shared with the layers that read the same x."""
+    def make() -> tuple[Tensor, Operand]:
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled)
+
+    key = _share_key(q, "fprop_input", "input", dtype, scaled)
+    return make() if key is None else _FORWARD_SHARE.get(x, key, make)
+
+
+def _forward_input_values(saved_x: Operand | Tensor, dtype: torch.dtype) -> Tensor:
+    """The ``dequantized`` backward's X: the forward's NVFP4 operand decoded (once for the layers that share it: they
+    saved the same codes), or the saved tensor in the compute dtype."""
+    if not isinstance(saved_x, nvfp4.NVFP4Tensor) or torch.compiler.is_compiling():
+        return gemm.dense(saved_x, dtype).to(dtype)
+    key = ("decoded_input", dtype, saved_x.shape, saved_x.tile, saved_x.rht)
+    return _BACKWARD_SHARE.get(saved_x.codes, key, lambda: gemm.dense(saved_x, dtype).to(dtype))
 
 
 def _seed(seeds: Tensor | None, gemm_index: int) -> Tensor | None:
@@ -482,9 +526,8 @@ class _QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seeds: Tensor | None, q: LayerQuantizer,
                 dtype: torch.dtype, track: bool) -> Tensor:
         with _autocast_off(x):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [M, K]
             scaled = q.gemm_operand_dtype("input", "weight", torch.bfloat16)
-            xq = q.operand("fprop_input", x2, dtype, scaled_dtype=scaled)
+            x2, xq = _fprop_input(q, x, dtype, scaled)  # [M, K]
             wq = q.operand("fprop_weight", weight, dtype, scaled_dtype=scaled)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
         if not track:
@@ -514,12 +557,12 @@ class _QuantLinearFunction(torch.autograd.Function):
                     b = q.dgrad_weight(kept_w, _same, torch.t, dtype, scaled)  # [K, N]
                     grad_x = gemm.mm(a, b, dtype)  # [M, K]
                 if need_w:
-                    a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype, _seed(seeds, 1))  # [N, M], [K, M]
-                    grad_w = gemm.mm(a, b, dtype)  # [N, K]
+                    a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype, _seed(seeds, 1), input_source=saved_x)
+                    grad_w = gemm.mm(a, b, dtype)  # [N, K] from [N, M], [K, M]
             else:
                 saved_x, saved_w = _saved(ctx)
                 # dequantized: the forward's operands decoded (unquantized roles: as they are); else X and W
-                x_hat = gemm.dense(saved_x, dtype).to(dtype)  # [M, K]
+                x_hat = _forward_input_values(saved_x, dtype)  # [M, K]
                 w_hat = gemm.dense(saved_w, dtype).to(dtype)  # [N, K]
                 if need_x:
                     grad_x = gemm.mm(dy, w_hat.t(), dtype)  # [M, K]

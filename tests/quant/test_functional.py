@@ -11,6 +11,7 @@ with each backward GEMM's own quantized operands (dY 1x16 along N, W^T with the 
 along tokens). References run in float64 and are rounded to BF16; the tolerance is one BF16 ulp plus the FP32
 summation-order error (2^-20 of the largest reference value).
 """
+import collections
 import copy
 import importlib.util
 import pickle
@@ -216,6 +217,84 @@ def test_sr_counter_reservation_returns_two_seeds_and_advances_the_state_in_plac
         seeds = [reserve(state).tolist() for _ in range(2)]
         assert seeds == [[[key, 40], [key, 41]], [[key, 42], [key, 43]]]
         assert state.tolist() == [key, 44] and state.data_ptr() == storage
+
+
+class SharedInputBlock(nn.Module):
+    """Three projections of one input (as a decoder's q/k/v) and a fourth layer on their result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 32, bias=False) for _ in range(3))
+        self.o = nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+def run_counting(block: nn.Module, x: torch.Tensor, share: bool, monkeypatch) -> tuple[list, collections.Counter]:
+    """Forward + backward of ``block`` under BF16 autocast with operand sharing on or off, from the same SR state:
+    (output and every gradient, how many operands were made per slot plus decodes of saved forward inputs)."""
+    from quant import functional, shared_operands
+
+    made: collections.Counter = collections.Counter()
+    operand, dense = functional.LayerQuantizer.operand, functional.gemm.dense
+
+    def counting_operand(self, slot, *args, **kwargs):
+        made[slot] += 1
+        return operand(self, slot, *args, **kwargs)
+
+    def counting_dense(item, dtype):
+        made["decode"] += isinstance(item, nvfp4.NVFP4Tensor)
+        return dense(item, dtype)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(functional.LayerQuantizer, "operand", counting_operand)
+        patch.setattr(functional.gemm, "dense", counting_dense)
+        xi = x.clone().requires_grad_()
+        with shared_operands.sharing(share):
+            with torch.autocast("cpu", dtype=BF16):
+                y = block(xi)
+            y.float().square().sum().backward()
+    results = [y.detach(), xi.grad] + [p.grad for p in block.parameters()]
+    for p in block.parameters():
+        p.grad = None
+    return results, made
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_reading_one_input_share_its_operands_bit_for_bit(mode, monkeypatch):
+    """q/k/v quantize their common input once (forward operand; ``full``: the wgrad X^T operand too; ``dequantized``:
+    its decode in the backward), and the output and every gradient are the bits of per-layer quantization."""
+    torch.manual_seed(0)
+    block = SharedInputBlock()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=mode)))
+    x = torch.randn(4, 48, 64)
+    states = quant.sr_states(block)
+    alone, made_alone = run_counting(block, x, share=False, monkeypatch=monkeypatch)
+    quant.load_sr_states(block, states)  # the same SR draws for dY
+    shared, made_shared = run_counting(block, x, share=True, monkeypatch=monkeypatch)
+    for i, (a, b) in enumerate(zip(alone, shared)):
+        assert torch.equal(a, b), f"result {i} differs with shared operands"
+    assert made_alone["fprop_input"] == 4 and made_shared["fprop_input"] == 2
+    if mode == "full":
+        assert made_alone["wgrad_input"] == 4 and made_shared["wgrad_input"] == 2
+    if mode == "dequantized":  # X of 4 layers and W of 4 layers, X decoded once for q/k/v
+        assert made_alone["decode"] == 8 and made_shared["decode"] == 6
+
+
+def test_an_input_modified_in_place_between_layers_is_quantized_again(monkeypatch):
+    from quant import shared_operands
+
+    torch.manual_seed(1)
+    first, second = quantized_layer(nn.Linear(64, 32)), quantized_layer(nn.Linear(64, 32))
+    x = torch.randn(48, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        first(x)
+        x.mul_(3.0)  # same object, new version: its operand must not be reused
+        got = second(x)
+        with shared_operands.sharing(False):
+            expected = second(x.clone())
+    assert torch.equal(got, expected)
 
 
 def test_stochastic_rounding_of_dy_is_unbiased_and_seeded():

@@ -539,6 +539,40 @@ def test_interp_fast_path_layers_equal_the_reference_bit_for_bit(policy, fast_pa
         assert_same_bits(got, expected, f"output/gradient {i}")
 
 
+@interp
+@pytest.mark.parametrize("backward", ["full", "dequantized"])
+def test_interp_shared_input_operands_on_the_fast_path_equal_per_layer_and_the_reference(backward, fast_path_on_cpu):
+    """q/k/v-style layers sharing their input's operands on the fast path (scaled codes from the quantize pass, packed
+    saves decoded once in the backward) give the bits of per-layer quantization and of the reference path."""
+    import copy
+
+    import quant
+    from quant import shared_operands
+    from tests.quant.test_functional import SharedInputBlock
+
+    torch.manual_seed(0)
+    block = SharedInputBlock()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward,
+                                                                        disable_stochastic_rounding=True)))
+    x = torch.randn(2, 48, 64)
+
+    def step(model: torch.nn.Module) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xi)
+        y.float().square().mean().backward()
+        return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+    reference = step(copy.deepcopy(block))
+    fast_path_on_cpu()
+    with shared_operands.sharing(False):
+        alone = step(copy.deepcopy(block))
+    shared = step(copy.deepcopy(block))
+    for i, (got, one, expected) in enumerate(zip(shared, alone, reference)):
+        assert_same_bits(got, one, f"output/gradient {i}, shared vs per layer")
+        assert_same_bits(got, expected, f"output/gradient {i}, fast path vs reference")
+
+
 class _Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
