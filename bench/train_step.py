@@ -12,9 +12,9 @@ Modes: ``bf16`` (no quantization) and ``nvfp4-<backward>`` for ``dequantized``, 
 (``quant.Recipe.backward``; TE's default recipe otherwise: 16x16 weights, SR on dY, RHT on the wgrad operands; the
 model's own high-precision layers, e.g. embeddings and stems, stay BF16); the peer row ``torchao-nvfp4-dequantized``
 (``bench/torchao_nvfp4.py``: torchao's NVFP4 quantize/dequantize on the same Linear layers, dequantized backward;
-decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32`` suffix runs a mode with TF32
-matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact under BF16 autocast, so TF32
-changes only the accumulation. Each mode runs in the ``--compile`` settings: ``eager``; ``blocks``, each block
+decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32``
+suffix runs a mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact
+under BF16 autocast, so TF32 changes only the accumulation. Each mode runs in the ``--compile`` settings: ``eager``; ``blocks``, each block
 (``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``); ``graph``, the whole step captured in
 one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the host's Python and launches, a replay is
 not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
@@ -32,7 +32,8 @@ CPU smoke run (2 steps, compile with the eager backend). Imports ``models`` (hen
 config schemas) and ``transformers`` (decoder).
 
 Usage (repository root): python -m bench.train_step [--models decoder,resnet50,unet] [--modes bf16,nvfp4-full,...]
-  [--compile eager,graph,blocks,blocks+graph] [--compile-models decoder] [--steps 10] [--time-limit 300] [--check-graph-breaks [decoder]]
+  [--compile eager,graph,blocks,blocks+graph] [--compile-models decoder] [--steps 10] [--time-limit 300]
+  [--check-graph-breaks [decoder]]
   [--profile decoder:nvfp4-full]
   [--out results.json] [--quick]
 """
@@ -335,19 +336,22 @@ def profile(work: Workload, mode: str, device: torch.device, steps: int = 3) -> 
         wall_s = time.perf_counter() - begin
     averages = prof.key_averages()
     on_device = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:20]
-    cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
     del model, step
     _release(device)
     return {
         "wall_ms_per_step": wall_s * 1e3 / steps,  # with the profiler's own host overhead
         "gpu_busy_ms_per_step": sum(e.self_device_time_total for e in on_device) / 1e3 / steps,
         "kernel_launches_per_step": sum(e.count for e in on_device) / steps,
-        "kernels": [{"name": e.key[:90], "calls": e.count / steps, "ms_per_step": e.self_device_time_total / 1e3 / steps}
-                    for e in kernels],
-        "cpu_ops": [{"name": e.key[:90], "calls": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps}
-                    for e in cpu_ops],
+        "kernels": _top(on_device, "self_device_time_total", steps),
+        "cpu_ops": _top(averages, "self_cpu_time_total", steps),
     }
+
+
+def _top(events: list, time_attribute: str, steps: int, count: int = 20) -> list[dict[str, object]]:
+    """The ``count`` profiler events with the most ``time_attribute`` (microseconds), per step."""
+    ranked = sorted(events, key=lambda e: getattr(e, time_attribute), reverse=True)[:count]
+    return [{"name": e.key[:90], "calls": e.count / steps, "ms_per_step": getattr(e, time_attribute) / 1e3 / steps}
+            for e in ranked]
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

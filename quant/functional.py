@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from quant import distributed, gemm, kernels, layer_formats, nvfp4
-from quant.shared_operands import OperandShare
+from quant import distributed, gemm, kernels, layer_formats, nvfp4, shared_operands
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.kernels import checks
 from quant.layer_formats import LayerFormat, SlotRequest
+from quant.shared_operands import OperandShare
 from quant.recipe import Recipe
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -360,7 +360,7 @@ def _sr_counter_constants(device: torch.device) -> tuple[Tensor, Tensor]:
     device = torch.device(device)
     if device not in _SR_CONSTANTS:
         _SR_CONSTANTS[device] = (torch.tensor([[0, 0], [0, 1]], dtype=torch.int64, device=device),
-                                         torch.tensor([0, 2], dtype=torch.int64, device=device))
+                                 torch.tensor([0, 2], dtype=torch.int64, device=device))
     return _SR_CONSTANTS[device]
 
 
@@ -423,10 +423,9 @@ def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch
     def input_operand() -> Operand:
         return q.operand("wgrad_input", _pad_tokens(input_t) if rht else input_t, dtype, rht=rht, scaled_dtype=scaled)
 
-    key = _share_key(q, "wgrad_input", "input", dtype, scaled, rht)
-    shared = input_source is not None and key is not None
+    key = None if input_source is None else _share_key(q, "wgrad_input", "input", dtype, scaled, rht)
     return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed, scaled_dtype=scaled),
-            _BACKWARD_SHARE.get(input_source, key, input_operand) if shared else input_operand())
+            input_operand() if key is None else _BACKWARD_SHARE.get(input_source, key, input_operand))
 
 
 # Operands shared by layers that read the same tensor (q/k/v, gate/up): one per key, see quant.shared_operands.
@@ -435,10 +434,9 @@ _BACKWARD_SHARE = OperandShare()
 
 
 def _share_key(q: LayerQuantizer, slot: str, role: str, *settings: object) -> tuple | None:
-    """What an operand of ``slot`` depends on besides its source tensor; None when it is not shared: while
-    torch.compile traces (identity is not traceable), or with an amax reduced across ranks (the layers' reduction
-    groups may differ)."""
-    if torch.compiler.is_compiling() or q.amax_reduction.mode != "none":
+    """What an operand of ``slot`` depends on besides its source tensor; None when it is not shared: sharing is not
+    active (``shared_operands.active``), or the amax is reduced across ranks (the layers' groups may differ)."""
+    if not shared_operands.active() or q.amax_reduction.mode != "none":
         return None
     return (slot, role in q.roles, q.format_of(role), q.recipe, *settings)
 
@@ -457,10 +455,13 @@ def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch
 def _forward_input_values(saved_x: Operand | Tensor, dtype: torch.dtype) -> Tensor:
     """The ``dequantized`` backward's X: the forward's NVFP4 operand decoded (once for the layers that share it: they
     saved the same codes), or the saved tensor in the compute dtype."""
-    if not isinstance(saved_x, nvfp4.NVFP4Tensor) or torch.compiler.is_compiling():
+    def decode() -> Tensor:
         return gemm.dense(saved_x, dtype).to(dtype)
+
+    if not isinstance(saved_x, nvfp4.NVFP4Tensor):
+        return decode()
     key = ("decoded_input", dtype, saved_x.shape, saved_x.tile, saved_x.rht)
-    return _BACKWARD_SHARE.get(saved_x.codes, key, lambda: gemm.dense(saved_x, dtype).to(dtype))
+    return _BACKWARD_SHARE.get(saved_x.codes, key, decode)
 
 
 def _seed(seeds: Tensor | None, gemm_index: int) -> Tensor | None:
@@ -587,11 +588,11 @@ def _check_reduction_size(x: Tensor, dim: int, size: int, q: LayerQuantizer, lay
     a reduction dim that Dynamo traces as a symbol is specialized to the weight's size here. That happens when a
     frame is recompiled with automatic dynamic shapes (torch 2.11 compiles each ``ConvNormAct.forward`` of a UNet
     block as its own frame; the block's second conv reads another width, so the frame is recompiled with the channel
-    dim dynamic) or under ``dynamic=True``. Left to the GEMM or
-    the convolution inside the Function's forward, the specialization happens mid-trace: sizes derived from the
-    symbol that the forward hands on (the saved shapes, the operands' logical shapes) were traced as SymInts, but
-    come back as constants when Dynamo replays the forward on fake tensors, and Dynamo asserts ("Expected
-    subgraph_vt to be a tensor, SymNodeVariable, ...", ``overwrite_tensor_vt_proxy``; issue 6). Dims that stay
+    dim dynamic) or under ``dynamic=True``. Left to the GEMM or the convolution inside the Function's forward, the
+    specialization happens mid-trace: sizes derived from the symbol that the forward hands on (the saved shapes, the
+    operands' logical shapes) were traced as SymInts, but come back as constants when Dynamo replays the forward on
+    fake tensors, and Dynamo asserts ("Expected subgraph_vt to be a tensor, SymNodeVariable, ...",
+    ``overwrite_tensor_vt_proxy``; issue 6). Dims that stay
     symbolic (batch, tokens, pixels) are traced consistently and need nothing."""
     if x.shape[dim] != size:
         raise QuantError(f"{q.name}: input of shape {tuple(x.shape)} does not fit the weight: expected {layout} with "

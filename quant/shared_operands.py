@@ -28,6 +28,11 @@ T = TypeVar("T")
 _enabled = os.environ.get("FP4LAB_SHARE_OPERANDS", "1") != "0"
 
 
+def active() -> bool:
+    """Are operands shared here? Not while torch.compile traces (identity is not traceable) or when switched off."""
+    return _enabled and not torch.compiler.is_compiling()
+
+
 class OperandShare:
     """The last result made from a source tensor, per key (see the module docstring)."""
 
@@ -37,7 +42,7 @@ class OperandShare:
     def get(self, source: Tensor, key: Hashable, make: Callable[[], T]) -> T:
         """``make()``, or the result an earlier call with this ``source`` (same object, same version) and ``key``
         made."""
-        if not _enabled or torch.compiler.is_compiling() or source.is_inference():  # inference tensors: no version
+        if not active() or source.is_inference():  # inference tensors have no version counter
             return make()
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is source and entry[1] == source._version:
