@@ -11,8 +11,8 @@ otherwise fuse the three ops into one Triton kernel of its own, where the multip
 such downcast/upcast pairs): both change bits.
 
 What is load-bearing: the multiply and the add are separate IEEE float32 operations (``enable_fp_fusion=False``), the
-bias is read in its own dtype and widened exactly, and the rounding to BF16 is the integer RNE of
-``rounding.bf16_bits`` (NaN stays NaN). The kernel walks the accumulator in memory order, so any non-overlapping dense
+bias is read in its own dtype and widened exactly, and the rounding to BF16 is RNE (``rounding.bf16_bits``: NaN stays
+NaN). The kernel walks the accumulator in memory order, so any non-overlapping dense
 layout (row-major GEMM output, NCHW or channels-last convolution output, a permuted weight gradient) is one flat pass;
 the output gets the accumulator's strides, and the bias index of flat position p is ``(p // stride_c) % C`` for the
 bias dim c. Any other layout is copied row-major first (``flat_layout``).
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options
+from quant.kernels.nvfp4 import _storage_view, launch_options, native_bf16
 from quant.kernels.rounding import store_values
 from quant.nvfp4 import INV_GEMM
 
@@ -40,7 +40,7 @@ _BLOCK = 2048  # elements per program (a memory-bound pass)
 @triton.jit(do_not_specialize=["numel"])
 def _epilogue_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, bias_ptr, numel, inner, channels,
                      HAS_ALPHA: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                     INV_GEMM: tl.constexpr, BLOCK: tl.constexpr):
+                     NATIVE_BF16: tl.constexpr, INV_GEMM: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     value = tl.load(acc_ptr + offsets, mask=mask, other=0.0)  # float32, flat memory order
@@ -50,7 +50,7 @@ def _epilogue_kernel(acc_ptr, out_ptr, amax_a_ptr, amax_b_ptr, bias_ptr, numel, 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (offsets // inner) % channels, mask=mask, other=0.0)
         value = value + bias.to(tl.float32)
-    store_values(out_ptr + offsets, value, mask, OUT_BF16_BITS)
+    store_values(out_ptr + offsets, value, mask, OUT_BF16_BITS, NATIVE_BF16)
 
 
 def flat_layout(acc: Tensor) -> Tensor:
@@ -81,6 +81,7 @@ def epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Te
     grid = (triton.cdiv(numel, _BLOCK),)
     _epilogue_kernel[grid](acc, _storage_view(out), amax_a if has_alpha else acc, amax_b if has_alpha else acc,
                            acc if bias is None else bias, numel, inner, channels, HAS_ALPHA=has_alpha,
-                           HAS_BIAS=bias is not None, OUT_BF16_BITS=out_dtype == torch.bfloat16, INV_GEMM=INV_GEMM,
+                           HAS_BIAS=bias is not None, OUT_BF16_BITS=out_dtype == torch.bfloat16,
+                           NATIVE_BF16=native_bf16(acc), INV_GEMM=INV_GEMM,
                            BLOCK=_BLOCK, **launch_options())
     return out

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
-from quant.kernels.rounding import e2m1_code_value, e2m1_magnitude, e2m1_rne_index, exp2i, store_values, with_sign
+from quant.kernels.nvfp4 import _storage_view, launch_options, native_bf16, tile_index, tile_shape
+from quant.kernels.rounding import e2m1_code_value, e2m1_rne, exp2i, store_values, with_sign
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
 
@@ -50,7 +50,7 @@ def _mxfp4_kernel(
     out_ptr, codes_ptr, scales_ptr,  # values [M, K]; uint8 [M, KP/2]; uint8 [M, KP/32]
     flag_ptr, ticket,  # int64 [1] check flag and this call's ticket (quant.kernels.checks)
     RCEIL: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     NB: tl.constexpr = BK // 32
     pid_m, pid_k = tile_index(KP, BK, False)
@@ -75,7 +75,7 @@ def _mxfp4_kernel(
     exponent = tl.minimum(tl.maximum(tl.where(positive, exponent, -127), -127), 127)  # [BM, NB]
 
     y = blocks * exp2i(-exponent)[:, :, None]  # exact; -exponent <= 126 for finite data
-    index = e2m1_rne_index(tl.abs(y))
+    magnitude, index = e2m1_rne(tl.abs(y))
     negative = y < 0.0
     if WRITE_CODES:
         code = tl.reshape(tl.where(negative, index | 8, index), (BM, BK // 2, 2))
@@ -88,16 +88,15 @@ def _mxfp4_kernel(
                  tl.where(poisoned, 0xFF, exponent + 127).to(tl.uint8),
                  mask=row_ok[:, None] & (scale_cols < KP // 32)[None, :])
     if WRITE_VALUES:
-        magnitude = e2m1_magnitude(index)
-        values = with_sign(magnitude, negative) * _exp2i_wide(exponent)[:, :, None]
-        values = tl.reshape(tl.where(poisoned[:, :, None], float("nan"), values), (BM, BK))
+        factor = tl.where(poisoned, float("nan"), _exp2i_wide(exponent))  # [BM, NB]
+        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
         store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                     OUT_BF16_BITS)
+                     OUT_BF16_BITS, NATIVE_BF16)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr,
-                         BK: tl.constexpr):
+def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS: tl.constexpr,
+                         NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     NB: tl.constexpr = BK // 32
     pid_m, pid_k = tile_index(KP, BK, False)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -113,7 +112,7 @@ def _mxfp4_decode_kernel(codes_ptr, scales_ptr, out_ptr, M, K, KP, OUT_BF16_BITS
     values = tl.reshape(e2m1_code_value(codes) * scale[:, :, None], (BM, BK))
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
     store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                 OUT_BF16_BITS)
+                 OUT_BF16_BITS, NATIVE_BF16)
 
 
 def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: torch.dtype | None, flag: Tensor,
@@ -138,7 +137,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, placeholder if values is None else _storage_view(values),
         placeholder if codes is None else codes, placeholder if scales is None else scales, flag, ticket,
         RCEIL=scale_rule == "rceil", WRITE_CODES=write_codes, WRITE_VALUES=values is not None,
-        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options(),
+        OUT_BF16_BITS=values_dtype == torch.bfloat16, NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options(),
     )
     return codes, scales, values
 
@@ -152,5 +151,5 @@ def decode_2d(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> T
     out = torch.empty(m, cols, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _mxfp4_decode_kernel[grid](codes, scales, _storage_view(out), m, cols, kp, OUT_BF16_BITS=dtype == torch.bfloat16,
-                               BM=bm, BK=bk, **launch_options())
+                               NATIVE_BF16=native_bf16(codes), BM=bm, BK=bk, **launch_options())
     return out

@@ -33,8 +33,7 @@ from quant import numerics, rht as rht_transform
 from quant.kernels.rounding import (
     e2m1_code_value,
     e2m1_index_of_magnitude,
-    e2m1_magnitude,
-    e2m1_rne_index,
+    e2m1_rne,
     e2m1_sr_magnitude,
     e4m3_round,
     e4m3_value,
@@ -95,12 +94,12 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
 
 @triton.jit(do_not_specialize=["M", "ticket"])
 def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
-                 RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, BM: tl.constexpr,
-                 BK: tl.constexpr):
+                 RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                 BM: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_k = tile_index(K, BK, False)
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
     if RHT:
-        x = rht_tile(x, BM, BK, SIGN_MASK)
+        x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
     else:
         x = x.to(tl.float32)
     a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax is +inf iff a value is not finite
@@ -128,13 +127,13 @@ def _quantize_kernel(
     TILE_ROWS: tl.constexpr, RHT: tl.constexpr, STOCHASTIC: tl.constexpr,
     WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SCALED_VALUES: tl.constexpr,
     SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr, E2M1_X_E4M3: tl.constexpr,
-    FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     NB: tl.constexpr = BK // 16
     pid_m, pid_k = tile_index(KP, BK, True)  # backwards: the amax pass just read the last tiles
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
     if RHT:
-        x = rht_tile(x, BM, BK, SIGN_MASK)
+        x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
     else:
         x = x.to(tl.float32)  # [BM, BK]
 
@@ -169,8 +168,7 @@ def _quantize_kernel(
         magnitude = e2m1_sr_magnitude(tl.abs(y), u)
         index = e2m1_index_of_magnitude(magnitude)
     else:
-        index = e2m1_rne_index(tl.abs(y))
-        magnitude = e2m1_magnitude(index)
+        magnitude, index = e2m1_rne(tl.abs(y))
     negative = y < 0.0
 
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -190,17 +188,17 @@ def _quantize_kernel(
             factor = scale
         else:  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
             factor = (scale * amax) * INV_2688
-        values = with_sign(magnitude, negative) * factor[:, :, None]
-        values = tl.reshape(tl.where(poisoned, float("nan"), values), (BM, BK))
+        factor = tl.where(poisoned, float("nan"), factor)  # [BM, NB]: every value of a poisoned tensor is NaN
+        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
         cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
         store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                     OUT_BF16_BITS)
+                     OUT_BF16_BITS, NATIVE_BF16)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
                    SCALED_CODES: tl.constexpr, INV_2688: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-                   BM: tl.constexpr, BK: tl.constexpr):
+                   NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Packed codes [M, KP/2] + scale bytes [M, KP/16] -> [M, K] values: TE's dequant, or e2m1 * s_b (GEMM operand)."""
     NB: tl.constexpr = BK // 16
     pid_m, pid_k = tile_index(KP, BK, False)
@@ -221,17 +219,18 @@ def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
     values = tl.reshape(e2m1_code_value(codes) * factor[:, :, None], (BM, BK))
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
     store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                 OUT_BF16_BITS)
+                 OUT_BF16_BITS, NATIVE_BF16)
 
 
 @triton.jit
-def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexpr, BM: tl.constexpr,
-                BK: tl.constexpr):
+def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                BM: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_k = tile_index(K, BK, False)
-    y = rht_tile(_load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK), BM, BK, SIGN_MASK)
+    y = rht_tile(_load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK), BM, BK, SIGN_MASK, NATIVE_BF16)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
-    store_values(out_ptr + rows[:, None] * K + cols[None, :], y, (rows < M)[:, None] & (cols < K)[None, :], True)
+    store_values(out_ptr + rows[:, None] * K + cols[None, :], y, (rows < M)[:, None] & (cols < K)[None, :], True,
+                 NATIVE_BF16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,6 +239,12 @@ def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexp
 def _storage_view(out: Tensor) -> Tensor:
     """What a kernel writes into: bfloat16 outputs as int16 bit patterns (see ``rounding.store_values``)."""
     return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+def native_bf16(t: Tensor) -> bool:
+    """The ``NATIVE_BF16`` flag of a launch on ``t``: the hardware BF16 conversion on a GPU, integer rounding under
+    Triton's CPU interpreter (the only place CPU tensors reach a kernel), whose cast truncates."""
+    return t.is_cuda
 
 
 def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
@@ -258,7 +263,7 @@ def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,
-                       FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options())
+                       FLT_MAX=FLT_MAX, NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options())
     return amax
 
 
@@ -294,7 +299,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
         WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6,
         INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16,
-        BM=bm, BK=bk, **launch_options(),
+        NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options(),
     )
     return codes, scales, values
 
@@ -308,7 +313,8 @@ def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: tor
     amax = amax.reshape(1).to(torch.float32)
     grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _decode_kernel[grid](codes, scales, amax, _storage_view(out), m, cols, kp, SCALED_CODES=scaled_codes,
-                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options())
+                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, NATIVE_BF16=native_bf16(codes),
+                         BM=bm, BK=bk, **launch_options())
     return out
 
 
@@ -318,6 +324,6 @@ def rht_2d(x2d: Tensor) -> Tensor:
     bm, bk = tile_shape(m, k)
     out = torch.empty(m, k, dtype=torch.bfloat16, device=x2d.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
-    _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK, BM=bm,
-                      BK=bk, **launch_options())
+    _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK,
+                      NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options())
     return out

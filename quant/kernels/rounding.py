@@ -4,12 +4,16 @@ Why a second copy of rules that exist in ``quant.numerics``: a kernel cannot cal
 again here with scalar Triton arithmetic, and ``tests/quant/test_kernels.py`` holds the two copies to the same bytes.
 What is load-bearing (each item was a way to silently break bit-compatibility):
 
-* No PTX cast does the rounding. E4M3 is computed from the float32 exponent bits and one round-half-even to an integer
+* No PTX cast does an FP8 or FP4 rounding. E4M3 is computed from the float32 exponent bits and one round-half-even to an integer
   (``round_half_even``: ``(v + 2^23) - 2^23``, exact for 0 <= v < 2^22 in IEEE float32), so the result does not depend
   on how a given Triton/PTX version lowers ``float8e4nv`` casts (saturation and subnormals differ between paths).
 * Multiplications by powers of two are built from bit patterns (``exp2i``) and are exact; no ``exp2``/``log2`` call.
-* E2M1 round-to-nearest is a chain of comparisons against the interval table of SPEC 1.3 (ties 0.75, 1.75, 3.5 up;
-  0.25, 1.25, 2.5, 5 down; saturation above 5), exactly ``numerics.e2m1_encode_rne``.
+* E2M1 round-to-nearest is one ``round_half_even`` of |y| / step on the evenly spaced part of the grid that holds
+  |y| (``e2m1_rne``); its ties fall as the interval table of SPEC 1.3 says (0.75, 1.75, 3.5 up; 0.25, 1.25, 2.5, 5
+  down; saturation above 5), exactly ``numerics.e2m1_encode_rne``. The kernels are bound by instruction issue, not
+  memory, so the cheapest exact form of each rule is the one used (a comparison chain cost about twice as much).
+* BF16 outputs: the hardware ``cvt.rn.bf16.f32`` (RNE) when compiled for a GPU, integer rounding under Triton's CPU
+  interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.native_bf16``).
 * Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` is exact, so
   FMA contraction cannot change it), ``floor(t / step(t)) * step(t)`` with the division done as an exact
   multiplication by a power of two, saturated at 6.
@@ -58,25 +62,37 @@ def e4m3_value(byte):
 
 
 @triton.jit
-def e2m1_rne_index(a):
-    """|y| (float32, >= 0, may be +inf) -> E2M1 magnitude index 0..7 (int32), RNE with saturation (SPEC 1.3)."""
-    index = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-    index += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
-    return index
+def e2m1_rne(a):
+    """|y| (float32 >= 0, may be +inf) -> (grid magnitude float32, magnitude index int32 0..7): E2M1 round-to-nearest-
+    even with saturation (SPEC 1.3), the bytes of ``numerics.e2m1_encode_rne`` in about a dozen operations.
+
+    The grid is evenly spaced on each of three ranges (step 0.5 below 2, 1 on [2, 4), 2 on [4, 6]), so one
+    round-half-even of a / step (a power-of-two scaling, exact) lands on it. A tie is a half-integer a / step and goes
+    to the even multiple of the step, which is the grid point with the even code: 0.25, 1.25, 2.5, 5 round down and
+    0.75, 1.75, 3.5 up, SPEC's tie table. Clamping to 6 first (``a < 6`` is false for NaN and +inf, which therefore
+    saturate like the hardware's satfinite) keeps r <= 3 on the top range."""
+    a = tl.where(a < 6.0, a, 6.0)
+    below2 = a < 2.0
+    below4 = a < 4.0
+    r = round_half_even(a * tl.where(below2, 2.0, tl.where(below4, 1.0, 0.5)))  # integer-valued, 0..4
+    magnitude = r * tl.where(below2, 0.5, tl.where(below4, 1.0, 2.0))
+    index = r.to(tl.int32) + tl.where(below2, 0, tl.where(below4, 2, 4))
+    return magnitude, index
 
 
 @triton.jit
 def e2m1_magnitude(index):
-    """E2M1 magnitude index 0..7 (int32) -> grid value 0, 0.5, 1, 1.5, 2, 3, 4, 6 (float32)."""
-    high = tl.where(index == 4, 2.0, tl.where(index == 5, 3.0, tl.where(index == 6, 4.0, 6.0)))
-    return tl.where(index < 4, index.to(tl.float32) * 0.5, high)
+    """E2M1 magnitude index 0..7 (int32) -> grid value 0, 0.5, 1, 1.5, 2, 3, 4, 6 (float32).
+
+    From index 2 on, (index + 252) << 22 is the grid value's float32 bit pattern (exponent and first mantissa bit);
+    indices 0 and 1 are 0 and 0.5."""
+    return tl.where(index < 2, index.to(tl.float32) * 0.5, ((index + 252) << 22).to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def e2m1_index_of_magnitude(m):
-    """Exact E2M1 grid value (float32) -> its magnitude index (int32)."""
-    return (m >= 0.5).to(tl.int32) + (m >= 1.0).to(tl.int32) + (m >= 1.5).to(tl.int32) + (m >= 2.0).to(tl.int32) \
-        + (m >= 3.0).to(tl.int32) + (m >= 4.0).to(tl.int32) + (m >= 6.0).to(tl.int32)
+    """Exact E2M1 grid value (float32) -> its magnitude index (int32): the inverse of ``e2m1_magnitude``."""
+    return tl.where(m < 1.0, (m * 2.0).to(tl.int32), (m.to(tl.int32, bitcast=True) >> 22) - 252)
 
 
 @triton.jit
@@ -119,42 +135,47 @@ def rht_matrix(SIGN_MASK: tl.constexpr):
 
 
 @triton.jit
-def bf16_round(v):
-    """float32 -> the float32 value of its bfloat16 rounding (RNE, overflow to inf, NaN kept), by integer arithmetic.
+def bf16_round(v, NATIVE: tl.constexpr):
+    """float32 -> the float32 value of its bfloat16 rounding (RNE, overflow to inf, NaN kept).
 
-    Used instead of ``.to(tl.bfloat16)`` because Triton's CPU interpreter truncates that cast; on the GPU both are
-    ``cvt.rn.bf16.f32``. NaN is passed through: the integer rounding would carry the GPU's canonical NaN 0x7FFFFFFF
-    into the sign bit and return -0.0, silently turning a NaN into a finite value."""
+    NATIVE (compiled for a GPU): the hardware conversion ``cvt.rn.bf16.f32``. Otherwise (Triton's CPU interpreter,
+    which truncates that cast) the same rounding by integer arithmetic; NaN is passed through there, because the
+    integer rounding would carry a NaN's payload into the sign bit and return -0.0."""
+    if NATIVE:
+        return v.to(tl.bfloat16).to(tl.float32)
     bits = v.to(tl.uint32, bitcast=True)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     return tl.where(v != v, v, rounded)
 
 
 @triton.jit
-def bf16_bits(v):
-    """float32 -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output.
+def bf16_bits(v, NATIVE: tl.constexpr):
+    """float32 tensor -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output.
 
-    NaN becomes 0x7FC0, PyTorch's bfloat16 NaN (the integer rounding alone would turn the GPU's canonical NaN
-    0x7FFFFFFF into 0x8000, i.e. -0.0)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+    NATIVE: the hardware conversion (one instruction per two values), else integer arithmetic (``bf16_round`` says
+    why). Either way NaN becomes 0x7FC0, PyTorch's bfloat16 NaN, not the GPU's canonical 0x7FFF."""
+    if NATIVE:
+        bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True)
+    else:
+        word = v.to(tl.uint32, bitcast=True)
+        bits = ((word + 0x7FFF + ((word >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    return tl.where(v != v, tl.full(v.shape, 0x7FC0, tl.int16), bits)
 
 
 @triton.jit
-def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr):
+def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr):
     """Store float32 values rounded (RNE) to the output: bfloat16 bits through an int16 view, else a plain cast."""
     if OUT_BF16_BITS:
-        tl.store(ptrs, bf16_bits(values), mask=mask)
+        tl.store(ptrs, bf16_bits(values, NATIVE_BF16), mask=mask)
     else:
         tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def rht_tile(x, BM: tl.constexpr, BK: tl.constexpr, SIGN_MASK: tl.constexpr):
+def rht_tile(x, BM: tl.constexpr, BK: tl.constexpr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr):
     """RHT of each 16-chunk of the rows of a bfloat16 tile [BM, BK] (SPEC 1.6), returned as float32 [BM, BK] holding
     bfloat16 values. The products of BF16 inputs with +-1/4 are exact in float32 and the 16 products are summed with
     IEEE float32 FMAs (``input_precision="ieee"``: no TF32, no tensor-core accumulation), then rounded once to BF16."""
     chunks = tl.reshape(x.to(tl.float32), (BM * BK // 16, 16))
     rotated = tl.dot(chunks, rht_matrix(SIGN_MASK).to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-    return tl.reshape(bf16_round(rotated), (BM, BK))
+    return tl.reshape(bf16_round(rotated, NATIVE_BF16), (BM, BK))

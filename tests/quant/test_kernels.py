@@ -42,6 +42,26 @@ def gpu_test(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_GPU_KERNELS, reason="needs CUDA and Triton")(fn))
 
 
+if HAS_TRITON:
+    import triton.language as tl
+    from triton import jit
+
+    from quant.kernels.rounding import bf16_bits, e2m1_index_of_magnitude, e2m1_magnitude, e2m1_rne
+
+    @jit
+    def _rounding_probe_kernel(x_ptr, magnitude_ptr, index_ptr, round_trip_ptr, bf16_ptr, n,
+                               NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+        """Applies the device rounding rules elementwise so a test can compare them with the reference directly."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        magnitude, index = e2m1_rne(tl.abs(x))
+        tl.store(magnitude_ptr + offsets, magnitude, mask=mask)
+        tl.store(index_ptr + offsets, index, mask=mask)
+        tl.store(round_trip_ptr + offsets, e2m1_index_of_magnitude(e2m1_magnitude(index)), mask=mask)
+        tl.store(bf16_ptr + offsets, bf16_bits(x, NATIVE_BF16), mask=mask)
+
+
 def _kernel_ops():
     from quant import kernels
 
@@ -150,6 +170,48 @@ def test_interp_nvfp4_reads_strided_views():
     assert not view.is_contiguous()
     assert_same_nvfp4(kernel_ops.nvfp4_quantize(view), nvfp4.quantize(view.contiguous()))
     check_nvfp4(view, (16, 16), False, kernel_ops)
+
+
+def rounding_probe_inputs() -> torch.Tensor:
+    """float32 inputs for the device rounding rules: every bfloat16 bit pattern (signs, subnormals, +-inf, NaNs), the
+    float32 neighbours of each E2M1 tie and saturation point, and 2^17 random float32 bit patterns."""
+    every_bf16 = (torch.arange(-2**15, 2**15, dtype=torch.int32) << 16).view(torch.float32)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 2.0, 4.0])
+    around = torch.cat([ties, torch.nextafter(ties, torch.zeros(())), torch.nextafter(ties, torch.full((), 8.0))])
+    random_bits = torch.randint(-2**31, 2**31 - 1, (2**17,), generator=torch.Generator().manual_seed(0),
+                                dtype=torch.int32).view(torch.float32)
+    return torch.cat([every_bf16, around, -around, random_bits])
+
+
+def check_rounding_probe(device: str, native_bf16: bool) -> None:
+    """``rounding.e2m1_rne`` / ``e2m1_magnitude`` / ``e2m1_index_of_magnitude`` / ``bf16_bits`` == the reference rules
+    (``numerics.e2m1_encode_rne``, PyTorch's bfloat16 cast) on ``rounding_probe_inputs``, bit for bit."""
+    import triton
+
+    from quant.numerics import e2m1_encode_rne
+
+    x = rounding_probe_inputs()
+    n = x.numel()
+    magnitude = torch.empty(n, device=device)
+    index = torch.empty(n, dtype=torch.int32, device=device)
+    round_trip = torch.empty(n, dtype=torch.int32, device=device)
+    bf16 = torch.empty(n, dtype=torch.int16, device=device)
+    _rounding_probe_kernel[(triton.cdiv(n, 1024),)](x.to(device), magnitude, index, round_trip, bf16, n,
+                                                     NATIVE_BF16=native_bf16, BLOCK=1024)
+    finite_or_inf = ~x.isnan()  # NaN saturates to 6 in the kernel; the reference never quantizes NaN (it raises)
+    expected_index = (e2m1_encode_rne(x) & 7).to(torch.int32)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert_same_bits(index.cpu()[finite_or_inf], expected_index[finite_or_inf], "E2M1 RNE index")
+    assert_same_bits(magnitude.cpu()[finite_or_inf], grid[expected_index][finite_or_inf], "E2M1 RNE magnitude")
+    assert_same_bits(round_trip.cpu(), index.cpu(), "index -> magnitude -> index")
+    # NaN becomes PyTorch's canonical bfloat16 NaN 0x7FC0 (PyTorch's own vectorised CPU cast keeps some payloads)
+    expected_bf16 = torch.where(x.isnan(), 0x7FC0, x.to(torch.bfloat16).view(torch.int16).int()).to(torch.int16)
+    assert_same_bits(bf16.cpu(), expected_bf16, f"bfloat16 bits (native={native_bf16})")
+
+
+@interp
+def test_interp_rounding_rules_on_every_bf16_and_random_float32():
+    check_rounding_probe("cpu", native_bf16=False)
 
 
 @interp
@@ -685,6 +747,12 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_gpu_nvfp4_matches_cpu_reference(shape, dtype, tile):
     x = hard_tensor(shape, dtype, seed=shape[-1]).cuda()
     check_nvfp4(x, tile, False, _PublicNVFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["native-bf16", "integer-bf16"])
+def test_gpu_rounding_rules_on_every_bf16_and_random_float32(native_bf16):
+    check_rounding_probe("cuda", native_bf16)
 
 
 @gpu_test
