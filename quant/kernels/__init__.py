@@ -12,8 +12,9 @@ Differences from the reference, by design:
 * stochastic rounding draws its 8 bits per element from Philox seeded by the caller's generator, not from
   ``torch.randint``: the same distribution (SPEC 1.7), different bits;
 * NaN/Inf inputs raise ``QuantError`` asynchronously, a few kernel launches late (``quant.kernels.checks``);
-* the RHT sums its 16 products with the GPU's FP32 accumulation order (``tl.dot``); results equal the reference
-  wherever the FP32 sums are exact, which is every chunk spanning less than about 2^16 in magnitude (SPEC 1.6).
+* the RHT sums its 16 products on the tensor cores (BF16 MMA with FP32 accumulation, as TE's Hadamard kernel does);
+  results equal the reference wherever the FP32 sums are exact, which is every chunk spanning less than about 2^12 in
+  magnitude (SPEC 1.6).
 """
 from __future__ import annotations
 

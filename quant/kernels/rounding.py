@@ -174,8 +174,16 @@ def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: t
 @triton.jit
 def rht_tile(x, BM: tl.constexpr, BK: tl.constexpr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr):
     """RHT of each 16-chunk of the rows of a bfloat16 tile [BM, BK] (SPEC 1.6), returned as float32 [BM, BK] holding
-    bfloat16 values. The products of BF16 inputs with +-1/4 are exact in float32 and the 16 products are summed with
-    IEEE float32 FMAs (``input_precision="ieee"``: no TF32, no tensor-core accumulation), then rounded once to BF16."""
-    chunks = tl.reshape(x.to(tl.float32), (BM * BK // 16, 16))
-    rotated = tl.dot(chunks, rht_matrix(SIGN_MASK).to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+    bfloat16 values: a BF16 x BF16 matrix product with FP32 accumulation on the tensor cores, as TE's Hadamard kernel
+    computes it (BF16 MMA), then one rounding to BF16. The products of BF16 inputs with +-1/4 are exact, so the result
+    is the exact transform rounded once whenever the FP32 sum is exact (chunks spanning less than about 2^12 in
+    magnitude); beyond that the last FP32 bit may depend on the accumulation order, as it does between GPUs.
+    Under Triton's CPU interpreter (not NATIVE_BF16), whose dot misreads BF16 operands, the same products are summed
+    in FP32 from FP32 operands."""
+    if NATIVE_BF16:
+        chunks = tl.reshape(x.to(tl.bfloat16), (BM * BK // 16, 16))
+        rotated = tl.dot(chunks, rht_matrix(SIGN_MASK).to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        chunks = tl.reshape(x.to(tl.float32), (BM * BK // 16, 16))
+        rotated = tl.dot(chunks, rht_matrix(SIGN_MASK), input_precision="ieee", out_dtype=tl.float32)
     return tl.reshape(bf16_round(rotated, NATIVE_BF16), (BM, BK))
