@@ -282,6 +282,27 @@ def test_layers_reading_one_input_share_its_operands_bit_for_bit(mode, monkeypat
         assert made_alone["decode"] == 8 and made_shared["decode"] == 6
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_operands_keep_no_autograd_graph_alive_after_the_step(mode):
+    """After forward + backward, the share entries must not hold the shared input (and through its grad_fn the step's
+    graph, whose AccumulateGrad nodes PyTorch would reuse in the next step): the input dies with its last user."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    block = SharedInputBlock()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=mode)))
+    leaf = torch.randn(4, 48, 64, requires_grad=True)
+    x = (leaf * 2.0).to(BF16)  # a non-leaf BF16 input with a grad_fn, as a norm's output is: X is a view of it
+    with torch.autocast("cpu", dtype=BF16):
+        y = block.q(x) * block.k(x) + block.v(x)  # the last quantized layers of the step read x
+    y.float().square().sum().backward()
+    alive = weakref.ref(x)
+    del x, y
+    gc.collect()
+    assert alive() is None, "a share entry keeps the step's input (and its autograd graph) alive"
+
+
 def test_an_input_modified_in_place_between_layers_is_quantized_again(monkeypatch):
     from quant import shared_operands
 

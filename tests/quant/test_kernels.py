@@ -954,6 +954,48 @@ def test_gpu_cuda_graph_replays_equal_eager_steps_and_advance_sr_counters():
         checks.raise_pending()
 
 
+class _SharedInputMLP(torch.nn.Module):
+    """A BF16 non-leaf input read by three Linears (q/k/v style: they share its operands) and then by nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(256))
+        self.q, self.k, self.v = (torch.nn.Linear(256, 256, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x * self.scale).to(torch.bfloat16)
+        return self.q(h) * self.k(h) + self.v(h)
+
+
+@gpu_test
+@pytest.mark.parametrize("backward", ["dequantized", "full"])
+def test_gpu_capture_after_an_eager_step_on_the_default_stream(backward):
+    """The bench's order: one eager step on the default stream, warm-up on a side stream, capture there. Shared
+    operands once kept the eager step's autograd graph alive, so its AccumulateGrad nodes (default stream) served the
+    captured backward and the capture failed ("would make the legacy stream depend on a capturing blocking stream")."""
+    import quant
+
+    torch.manual_seed(0)
+    model = _SharedInputMLP().cuda()
+    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward)))
+    for layer in quant.quantized_modules(model).values():
+        layer.quantizer.prime(torch.device("cuda"))
+    step = _captured_training_step(model, torch.randn(128, 256, device="cuda"))
+    step()  # eager, default stream
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        grads = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(bool(g.isfinite().all()) for g in grads)
+
+
 class _PublicNVFP4:
     """The public API with the names ``check_nvfp4`` expects (CUDA tensors dispatch to the kernels)."""
 
