@@ -3,7 +3,8 @@
 For each variant (NVFP4 1x16 / 16x16 / SR / RHT / RHT+SR fake-quantize, NVFP4 quantize-to-codes and decode, MXFP4
 floor / rceil fake-quantize) on one large tensor per dtype, measured side by side in one run:
 
-* kernel time (median of CUDA-event timings after an L2 flush; 10th-90th percentile spread), effective bandwidth
+* kernel time (median of CUDA-event timings of a CUDA-graph replay of the call after an L2 flush, so the host's
+  Python and launch cost stay out; 10th-90th percentile spread; the copy is timed the same way), effective bandwidth
   = the fewest bytes the operation must move (input read once, output written once; the global-amax pass is not
   counted, it is part of the cost) / time, and that bandwidth as a fraction of a ``copy_`` of the same tensor;
 * the reference (``quant.nvfp4`` / ``quant.mxfp4`` with the kernels disabled) in eager mode and, for the BF16 input
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.timing import Timing, environment, measure, table, write_json
+from bench.timing import Timing, environment, measure, replayed, table, write_json
 from quant import kernels, mxfp4, nvfp4
 
 
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         x = torch.randn(args.rows, args.cols, device=device).to(dtype)
         copy_out = torch.empty_like(x)
-        copy = measure(lambda: copy_out.copy_(x), device, args.warmup, args.reps)
+        copy = measure(replayed(lambda: copy_out.copy_(x), device) or (lambda: copy_out.copy_(x)), device, args.warmup,
+                       args.reps)
         copy_gbps = _fake_quant_bytes(x) / copy.median_ms / 1e6
         copies[str(dtype)] = {"timing": copy, "GBps": copy_gbps}
         for variant in variants(kernel_ops, generator):
@@ -119,7 +121,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             row: dict[str, object] = {"variant": variant.name, "dtype": str(dtype).removeprefix("torch."),
                                       "shape": [args.rows, args.cols], "copy_ms": copy.median_ms}
             if kernel_ops is not None:
-                kernel_t = measure(lambda: variant.kernel(x), device, args.warmup, args.reps)
+                replay = replayed(lambda: variant.kernel(x), device, (generator,))
+                row["kernel_timed"] = "eager" if replay is None else "graph replay"
+                kernel_t = measure(replay or (lambda: variant.kernel(x)), device, args.warmup, args.reps)
                 gbps = variant.bytes_moved(x) / kernel_t.median_ms / 1e6
                 row.update(kernel=kernel_t, GBps=gbps, copy_fraction=gbps / copy_gbps)
             with kernels.disabled():
@@ -159,7 +163,10 @@ def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> lis
         previous = nvfp4_kernels.set_launch_config(config)
         try:
             for name, kw in cases.items():
-                t = measure(lambda: kernel_ops.nvfp4_fake_quantize(x, **kw), device, args.warmup, args.reps)
+                def call(kw=kw):
+                    return kernel_ops.nvfp4_fake_quantize(x, **kw)
+
+                t = measure(replayed(call, device) or call, device, args.warmup, args.reps)
                 rows.append({"case": name, "config": str(config), "timing": t})
         finally:
             nvfp4_kernels.set_launch_config(previous)
@@ -172,7 +179,7 @@ def report(result: dict[str, object]) -> str:
     for dtype, copy in result["copies"].items():
         lines.append(f"copy {dtype}: {copy['timing'].median_ms:.3f} ms ({copy['GBps']:.0f} GB/s read+write)")
     header = ["variant", "dtype", "kernel ms", "p10-p90", "GB/s", "% copy", "ref eager", "ref compiled",
-              "x eager", "x compiled", "exact"]
+              "x eager", "x compiled", "exact", "kernel timed as"]
     rows = []
     for r in result["rows"]:
         k = r.get("kernel")
@@ -182,7 +189,7 @@ def report(result: dict[str, object]) -> str:
                      _ms(r.get("reference_eager")), _ms(r.get("reference_compiled")),
                      f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else None,
                      f"{r['speedup_vs_compiled']:.1f}" if "speedup_vs_compiled" in r else None,
-                     r.get("bit_exact")])
+                     r.get("bit_exact"), r.get("kernel_timed")])
     lines.append(table(header, rows))
     if result["sweep"]:
         lines.append("launch-config sweep (bfloat16):")
