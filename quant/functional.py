@@ -445,16 +445,20 @@ def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch
                  ) -> tuple[Tensor, Operand]:
     """X as [M, K] in the compute dtype and its forward operand; shared with the layers that read the same x.
 
-    X is detached (same storage and version counter): a reshaped view would hold x, and through x's ``grad_fn`` the
-    step's whole autograd graph, in the share entry after the step. PyTorch then hands that graph's AccumulateGrad
-    nodes, with the stream they were made on, to the next step's parameters; after an eager step on the default stream
-    that breaks a CUDA-graph capture on another stream (seen on an H200)."""
-    def make() -> tuple[Tensor, Operand]:
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype).detach()
+    A shared X is detached (same storage and version counter): a reshaped view would hold x, and through x's
+    ``grad_fn`` the step's whole autograd graph, in the share entry after the step. PyTorch then hands that graph's
+    AccumulateGrad nodes, with the stream they were made on, to the next step's parameters; after an eager step on the
+    default stream that breaks a CUDA-graph capture on another stream (seen on an H200). Unshared (and under
+    torch.compile, where nothing is shared) X stays a view: Dynamo rejects a detached alias of an input made inside a
+    higher-order op (autocast) and used outside it."""
+    def make(detached: bool) -> tuple[Tensor, Operand]:
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        if detached:
+            x2 = x2.detach()
         return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled)
 
     key = _share_key(q, "fprop_input", "input", dtype, scaled)
-    return make() if key is None else _FORWARD_SHARE.get(x, key, make)
+    return make(False) if key is None else _FORWARD_SHARE.get(x, key, lambda: make(True))
 
 
 def _forward_input_values(saved_x: Operand | Tensor, dtype: torch.dtype) -> Tensor:
