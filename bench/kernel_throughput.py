@@ -151,21 +151,27 @@ def _launch_config():
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> list[dict[str, object]]:
-    """Time the main fake-quantize variants under several launch configurations (tile size, warps)."""
+    """Time the main quantization calls under several launch configurations (tile size, warps): the fake-quantize
+    variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR)."""
     from quant.kernels import nvfp4 as nvfp4_kernels
 
     rows = []
     configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps)
-               for elements in (2048, 4096, 8192) for max_bk in (64, 128) for warps in (4, 8)]
+               for elements in (2048, 4096, 8192, 16384) for max_bk in (64, 128, 256) for warps in (4, 8)]
     x = torch.randn(args.rows, args.cols, device=device, dtype=torch.bfloat16)
-    cases = {"nvfp4 1x16": {}, "nvfp4 RHT": {"rht": True}, "nvfp4 16x16": {"tile": (16, 16)}}
+    seed = torch.tensor([1, 0], dtype=torch.int64, device=device)
+    cases = {
+        "nvfp4 1x16": lambda: kernel_ops.nvfp4_fake_quantize(x),
+        "nvfp4 RHT": lambda: kernel_ops.nvfp4_fake_quantize(x, rht=True),
+        "nvfp4 16x16": lambda: kernel_ops.nvfp4_fake_quantize(x, tile=(16, 16)),
+        "QAT operand X": lambda: kernel_ops.nvfp4_quantize_scaled(x),
+        "QAT operand X^T RHT+SR": lambda: kernel_ops.nvfp4_quantize_scaled(x.t(), rht=True, stochastic=True,
+                                                                           seed=seed),
+    }
     for config in configs:
         previous = nvfp4_kernels.set_launch_config(config)
         try:
-            for name, kw in cases.items():
-                def call(kw=kw):
-                    return kernel_ops.nvfp4_fake_quantize(x, **kw)
-
+            for name, call in cases.items():
                 t = measure(replayed(call, device) or call, device, args.warmup, args.reps)
                 rows.append({"case": name, "config": str(config), "timing": t})
         finally:
