@@ -3,7 +3,8 @@
 Why one place: every number the benches print must be measured the same way. On CUDA each repetition is bracketed by
 CUDA events, after an L2 flush (a 256 MiB write, outside the timed region) so a tensor is never timed out of the cache
 of its previous repetition; on CPU a monotonic clock is used. Short device work is timed as a CUDA-graph replay
-(``replayed``), so that the host's Python and launch cost do not enter the number. Results are medians with the 10th/90th percentiles.
+(``replayed``), so that the host's Python and launch cost do not enter the number. Results are medians with the
+10th/90th percentiles.
 """
 from __future__ import annotations
 

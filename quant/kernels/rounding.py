@@ -4,9 +4,10 @@ Why a second copy of rules that exist in ``quant.numerics``: a kernel cannot cal
 again here with scalar Triton arithmetic, and ``tests/quant/test_kernels.py`` holds the two copies to the same bytes.
 What is load-bearing (each item was a way to silently break bit-compatibility):
 
-* No PTX cast does an FP8 or FP4 rounding. E4M3 is computed from the float32 exponent bits and one round-half-even to an integer
-  (``round_half_even``: ``(v + 2^23) - 2^23``, exact for 0 <= v < 2^22 in IEEE float32), so the result does not depend
-  on how a given Triton/PTX version lowers ``float8e4nv`` casts (saturation and subnormals differ between paths).
+* No PTX cast does an FP8 or FP4 rounding. E4M3 is computed from the float32 exponent bits and one round-half-even to
+  an integer (``round_half_even``: ``(v + 2^23) - 2^23``, exact for 0 <= v < 2^22 in IEEE float32), so the result
+  does not depend on how a given Triton/PTX version lowers ``float8e4nv`` casts (saturation and subnormals differ
+  between paths).
 * Multiplications by powers of two are built from bit patterns (``exp2i``) and are exact; no ``exp2``/``log2`` call.
 * E2M1 round-to-nearest is one ``round_half_even`` of |y| / step on the evenly spaced part of the grid that holds
   |y| (``e2m1_rne``); its ties fall as the interval table of SPEC 1.3 says (0.75, 1.75, 3.5 up; 0.25, 1.25, 2.5, 5
