@@ -10,8 +10,8 @@ When a result is reused: the same tensor object (identity, not equal values), no
 One result is kept per key: the layers that share an input run one after the other, so the next input of the same
 kind replaces the entry, and at most one operand per key outlives its forward or backward pass. An entry must hold no
 autograd history (callers store detached tensors), or it would keep its step's graph alive into the next step. Not used
-while torch.compile traces (identity is not traceable; compiled code quantizes per layer, as before), and switched off by
-``FP4LAB_SHARE_OPERANDS=0`` or ``sharing(False)``. A NaN in a shared input is reported under the name of the first
+while torch.compile traces (identity is not traceable; compiled code quantizes per layer, as before), and switched off
+by ``FP4LAB_SHARE_OPERANDS=0`` or ``sharing(False)``. A NaN in a shared input is reported under the name of the first
 layer that quantized it.
 """
 from __future__ import annotations
