@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from quant import distributed, gemm, kernels, layer_formats, nvfp4, shared_operands
+from quant import distributed, gemm, im2col, kernels, layer_formats, nvfp4, shared_operands
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.kernels import checks
@@ -668,18 +668,12 @@ class ConvGeometry:
         )[1]
 
     def unfold(self, t: Tensor, kernel: tuple[int, int], positions: tuple[int, int]) -> Tensor:
-        """Im2col of t [N, C, H, W] with this geometry's taps: -> [kh*kw*C, N*P] (rows (kh, kw, C), tokens (n, p)).
-
-        ``positions`` (ph, pw) is the token grid: the output size of the conv (Conv2d) or the input size of the
-        transposed conv, whose dY is unfolded over the *input* pixels it came from.
-        """
-        n, c = t.shape[:2]
-        kh, kw = kernel
-        cols = F.unfold(t, kernel, dilation=self.dilation, padding=self.padding, stride=self.stride)  # [N, C*kh*kw, L]
-        grid_h = (t.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        grid_w = (t.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = cols.view(n, c, kh, kw, grid_h, grid_w)[..., : positions[0], : positions[1]]
-        return cols.permute(2, 3, 1, 0, 4, 5).reshape(kh * kw * c, n * positions[0] * positions[1])
+        """Im2col of t [N, C, H, W] with this geometry's taps: -> [kh*kw*C, N*P] (``quant.im2col``; a custom op on
+        the fast path, so torch.compile keeps ATen's im2col)."""
+        args = (t, list(kernel), list(positions), list(self.stride), list(self.padding), list(self.dilation))
+        if gemm.fast_path(t):
+            return kernels.load().conv_unfold(*args)
+        return im2col.unfold_tokens(*args)
 
 
 def _pixels(t: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from quant import mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
+from quant import im2col, mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
 from quant.errors import check_float_tensor
 from quant.kernels import checks
 from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
@@ -410,6 +410,17 @@ def _conv_weight_grad_eager(dy: Tensor, x: Tensor, weight_shape: list[int], stri
 
 _conv_weight_grad_op = _custom_op("tf32_conv_weight_grad", _conv_weight_grad_eager)
 _conv_weight_grad_op.register_fake(_conv_weight_grad)
+
+
+_conv_unfold_op = _custom_op("conv_unfold", im2col.unfold_tokens)
+_conv_unfold_op.register_fake(im2col.unfold_tokens)
+
+
+def conv_unfold(t: Tensor, kernel: list[int], positions: list[int], stride: list[int], padding: list[int],
+                dilation: list[int]) -> Tensor:
+    """``quant.im2col.unfold_tokens`` as one opaque node under torch.compile (Inductor's own lowering of unfold +
+    permute + copy is a slow gather kernel; ATen's im2col and copy are several times faster)."""
+    return _call(_conv_unfold_op, im2col.unfold_tokens, t, kernel, positions, stride, padding, dilation)
 
 
 def tf32_convolution(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],

@@ -461,6 +461,7 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_input_grad.default, (dy4, w4, [2, 16, 6, 6], *conv))
     torch.library.opcheck(torch.ops.fp4lab.tf32_conv_weight_grad.default, (dy4, x4, [32, 16, 3, 3], *conv))
     torch.library.opcheck(torch.ops.fp4lab.rounded_mm.default, (x[:, :32], x.t()[:32]))
+    torch.library.opcheck(torch.ops.fp4lab.conv_unfold.default, (x4, [3, 3], [3, 6], *conv[:3]))
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_scaled.default,
                           (x, 16, False, None, "w", owner, torch.bfloat16))
 
