@@ -111,8 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     for dtype in [getattr(torch, name) for name in args.dtypes.split(",")]:
         x = torch.randn(args.rows, args.cols, device=device).to(dtype)
         copy_out = torch.empty_like(x)
-        copy = measure(replayed(lambda: copy_out.copy_(x), device) or (lambda: copy_out.copy_(x)), device, args.warmup,
-                       args.reps)
+
+        def copy_call() -> Tensor:
+            return copy_out.copy_(x)
+
+        copy = measure(replayed(copy_call, device) or copy_call, device, args.warmup, args.reps)
         copy_gbps = _fake_quant_bytes(x) / copy.median_ms / 1e6
         copies[str(dtype)] = {"timing": copy, "GBps": copy_gbps}
         for variant in variants(kernel_ops, generator):
@@ -121,9 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             row: dict[str, object] = {"variant": variant.name, "dtype": str(dtype).removeprefix("torch."),
                                       "shape": [args.rows, args.cols], "copy_ms": copy.median_ms}
             if kernel_ops is not None:
-                replay = replayed(lambda: variant.kernel(x), device, (generator,))
+                def kernel_call(variant: Variant = variant) -> object:
+                    return variant.kernel(x)
+
+                replay = replayed(kernel_call, device, (generator,))
                 row["kernel_timed"] = "eager" if replay is None else "graph replay"
-                kernel_t = measure(replay or (lambda: variant.kernel(x)), device, args.warmup, args.reps)
+                kernel_t = measure(replay or kernel_call, device, args.warmup, args.reps)
                 gbps = variant.bytes_moved(x) / kernel_t.median_ms / 1e6
                 row.update(kernel=kernel_t, GBps=gbps, copy_fraction=gbps / copy_gbps)
             with kernels.disabled():

@@ -8,6 +8,7 @@ of its previous repetition; on CPU a monotonic clock is used. Short device work 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -73,29 +74,41 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     return Timing(statistics.median(times), _percentile(times, 0.1), _percentile(times, 0.9), reps)
 
 
+def capture(fn: Callable[[], object], device: torch.device, warmup: int = 2,
+            generators: tuple[torch.Generator, ...] = (), error_mode: str = "global",
+            warmup_context: Callable[[], ContextManager[object]] = contextlib.nullcontext
+            ) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(a CUDA graph of one call of ``fn``, that call's output). ``warmup`` calls run first on a side stream, inside
+    ``warmup_context`` (capture requires a warmed-up, non-default stream); the capture runs on the same stream.
+    ``generators``: CUDA generators ``fn`` draws from, registered so each replay draws anew. ``error_mode``:
+    ``torch.cuda.graph``'s capture_error_mode."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), warmup_context():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph, stream=side, capture_error_mode=error_mode):
+        output = fn()
+    return graph, output
+
+
 def replayed(fn: Callable[[], object], device: torch.device, generators: tuple[torch.Generator, ...] = ()
              ) -> Callable[[], object] | None:
-    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream); each call of the result replays it.
+    """``fn`` captured in a CUDA graph (``capture``); each call of the result replays it.
 
     Why: a quantization call issues a few kernels of tens of microseconds, and its Python and launch cost on the host
     can be longer than that; the events around an eager call then time the host, not the kernels (seen on the device
     machine: the same kernel timed 0.074 and 0.152 ms in two runs). A replay is one launch, so the events time the
-    device work. ``generators``: CUDA generators ``fn`` draws from (registered with the graph, so each replay draws
-    anew). None where the capture fails (the caller then times ``fn`` eagerly and says so)."""
+    device work. None where the capture fails or there is no CUDA device (the caller then times ``fn`` eagerly and
+    says so)."""
     if device.type != "cuda":
         return None
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        for generator in generators:
-            graph.register_generator_state(generator)
-        with torch.cuda.graph(graph, stream=side):
-            fn()
+        graph, _ = capture(fn, device, generators=generators)
     except RuntimeError:  # torch.AcceleratorError derives from RuntimeError
         torch.cuda.synchronize(device)
         return None

@@ -56,7 +56,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import quant
 from bench import torchao_nvfp4
-from bench.timing import Timing, environment, measure, table, write_json
+from bench.timing import Timing, capture, environment, measure, table, write_json
 from conf.schemas.model import LLMConfig, ResNetConfig, UNetConfig
 from data.info import DataInfo
 from models import build_model
@@ -213,15 +213,7 @@ def graphed(step: Callable[[], Tensor], device: torch.device, warmup: int = 3, e
     replay (``quant.functional``) and the NaN/Inf flag is written by every replay (``checks.raise_pending``).
     ``error_mode``: ``torch.cuda.graph``'s capture_error_mode ("thread_local" lets other threads, e.g. the autograd
     engine's, make capture-unsafe CUDA calls that are not part of the step)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), _capture_code_paths():
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side, capture_error_mode=error_mode):  # captured on the warm-up's stream
-        loss = step()
+    graph, loss = capture(step, device, warmup, error_mode=error_mode, warmup_context=_capture_code_paths)
 
     def replay() -> Tensor:
         graph.replay()

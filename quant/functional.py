@@ -374,11 +374,7 @@ def _(state: Tensor) -> Tensor:
 
 
 def _advance_sr_counters(state: Tensor) -> Tensor:
-    """``_reserve_sr_counters``: the custom op while torch.compile traces, the plain function otherwise (the
-    dispatcher costs host time on every eager call)."""
-    if torch.compiler.is_compiling():
-        return _reserve_sr_counters_op(state)
-    return _reserve_sr_counters(state)
+    return kernels.traced_or_eager(_reserve_sr_counters_op, _reserve_sr_counters, state)
 
 
 def _fresh_generator_state(seed: int) -> Tensor:

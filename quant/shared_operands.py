@@ -52,9 +52,6 @@ class OperandShare:
         self._entries[key] = (weakref.ref(source), source._version, value)
         return value
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 @contextlib.contextmanager
 def sharing(enabled: bool) -> Iterator[None]:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import Tensor
 
 _disabled = os.environ.get("FP4LAB_DISABLE_KERNELS", "0") == "1"
@@ -30,6 +31,12 @@ _disabled = os.environ.get("FP4LAB_DISABLE_KERNELS", "0") == "1"
 # where it must be a plain read of module state.
 _import_error: str | None = None if importlib.util.find_spec("triton") else "the triton package is not installed"
 _ops = None
+
+
+def traced_or_eager(op: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> Any:
+    """``op(*args)`` (a registered custom op: one opaque graph node) while torch.compile traces, else ``eager(*args)``
+    (the plain function: the dispatcher costs host time on every eager call)."""
+    return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
 
 def unavailable_reason() -> str | None:

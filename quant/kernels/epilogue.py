@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options, native_bf16
+from quant.kernels.nvfp4 import _storage_view, launch_options
 from quant.kernels.rounding import store_values
 from quant.nvfp4 import INV_GEMM
 
@@ -81,7 +81,6 @@ def epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Te
     grid = (triton.cdiv(numel, _BLOCK),)
     _epilogue_kernel[grid](acc, _storage_view(out), amax_a if has_alpha else acc, amax_b if has_alpha else acc,
                            acc if bias is None else bias, numel, inner, channels, HAS_ALPHA=has_alpha,
-                           HAS_BIAS=bias is not None, OUT_BF16_BITS=out_dtype == torch.bfloat16,
-                           NATIVE_BF16=native_bf16(acc), INV_GEMM=INV_GEMM,
-                           BLOCK=_BLOCK, **launch_options())
+                           HAS_BIAS=bias is not None, OUT_BF16_BITS=out_dtype == torch.bfloat16, INV_GEMM=INV_GEMM,
+                           BLOCK=_BLOCK, **launch_options(acc))
     return out

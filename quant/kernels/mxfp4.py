@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options, native_bf16, tile_index, tile_shape
+from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
 from quant.kernels.rounding import e2m1_code_value, e2m1_rne, exp2i, store_values, with_sign
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
@@ -137,7 +137,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, placeholder if values is None else _storage_view(values),
         placeholder if codes is None else codes, placeholder if scales is None else scales, flag, ticket,
         RCEIL=scale_rule == "rceil", WRITE_CODES=write_codes, WRITE_VALUES=values is not None,
-        OUT_BF16_BITS=values_dtype == torch.bfloat16, NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options(),
+        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options(x2d),
     )
     return codes, scales, values
 
@@ -151,5 +151,5 @@ def decode_2d(codes: Tensor, scales: Tensor, cols: int, dtype: torch.dtype) -> T
     out = torch.empty(m, cols, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _mxfp4_decode_kernel[grid](codes, scales, _storage_view(out), m, cols, kp, OUT_BF16_BITS=dtype == torch.bfloat16,
-                               NATIVE_BF16=native_bf16(codes), BM=bm, BK=bk, **launch_options())
+                               BM=bm, BK=bk, **launch_options(codes))
     return out

@@ -68,9 +68,11 @@ def set_launch_config(config: LaunchConfig) -> LaunchConfig:
     return previous
 
 
-def launch_options() -> dict[str, object]:
-    """Triton launch options: the configured warps, and no FMA contraction (each SPEC step is one rounding)."""
-    return {"num_warps": _config.num_warps, "enable_fp_fusion": False}
+def launch_options(on: Tensor) -> dict[str, object]:
+    """What every kernel launch on tensor ``on`` passes: the configured warps, no FMA contraction (each SPEC step is
+    one rounding), and the kernels' ``NATIVE_BF16``: the hardware BF16 conversion on a GPU, integer rounding under
+    Triton's CPU interpreter (the only place CPU tensors reach a kernel), whose cast truncates."""
+    return {"num_warps": _config.num_warps, "enable_fp_fusion": False, "NATIVE_BF16": on.is_cuda}
 
 
 @triton.jit
@@ -241,12 +243,6 @@ def _storage_view(out: Tensor) -> Tensor:
     return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
 
 
-def native_bf16(t: Tensor) -> bool:
-    """The ``NATIVE_BF16`` flag of a launch on ``t``: the hardware BF16 conversion on a GPU, integer rounding under
-    Triton's CPU interpreter (the only place CPU tensors reach a kernel), whose cast truncates."""
-    return t.is_cuda
-
-
 def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
     """Program tile (BM, BK): BK a power of two in [16, max_bk] covering short rows, BM >= 16 (16x16 tiles), about
     ``elements`` per program."""
@@ -263,7 +259,7 @@ def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,
-                       FLT_MAX=FLT_MAX, NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options())
+                       FLT_MAX=FLT_MAX, BM=bm, BK=bk, **launch_options(x2d))
     return amax
 
 
@@ -299,7 +295,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
         WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6,
         INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16,
-        NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options(),
+        BM=bm, BK=bk, **launch_options(x2d),
     )
     return codes, scales, values
 
@@ -313,8 +309,8 @@ def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: tor
     amax = amax.reshape(1).to(torch.float32)
     grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _decode_kernel[grid](codes, scales, amax, _storage_view(out), m, cols, kp, SCALED_CODES=scaled_codes,
-                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, NATIVE_BF16=native_bf16(codes),
-                         BM=bm, BK=bk, **launch_options())
+                         INV_2688=INV_2688, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk,
+                         **launch_options(codes))
     return out
 
 
@@ -325,5 +321,5 @@ def rht_2d(x2d: Tensor) -> Tensor:
     out = torch.empty(m, k, dtype=torch.bfloat16, device=x2d.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _rht_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, out.view(torch.int16), SIGN_MASK=SIGN_MASK,
-                      NATIVE_BF16=native_bf16(x2d), BM=bm, BK=bk, **launch_options())
+                      BM=bm, BK=bk, **launch_options(x2d))
     return out

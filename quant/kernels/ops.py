@@ -25,6 +25,7 @@ from torch import Tensor
 from quant import im2col, mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
 from quant.errors import check_float_tensor
 from quant.kernels import checks
+from quant.kernels import traced_or_eager as _call
 from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
 
 _SEED_HIGH = 1 << 62
@@ -142,11 +143,6 @@ _nvfp4_decode_op = _custom_op("nvfp4_decode", _nvfp4_decode_eager)
 @_nvfp4_decode_op.register_fake
 def _(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
     return codes.new_empty(codes.shape[0], cols, dtype=dtype)
-
-
-def _call(op, eager, *args):
-    """The custom op while torch.compile traces (an opaque graph node), the plain function otherwise."""
-    return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
 
 def nvfp4_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,

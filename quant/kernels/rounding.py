@@ -12,9 +12,9 @@ What is load-bearing (each item was a way to silently break bit-compatibility):
 * E2M1 round-to-nearest is one ``round_half_even`` of |y| / step on the evenly spaced part of the grid that holds
   |y| (``e2m1_rne``); its ties fall as the interval table of SPEC 1.3 says (0.75, 1.75, 3.5 up; 0.25, 1.25, 2.5, 5
   down; saturation above 5), exactly ``numerics.e2m1_encode_rne``. The kernels are bound by instruction issue, not
-  memory, so the cheapest exact form of each rule is the one used (a comparison chain cost about twice as much).
+  memory, so the cheapest exact form of each rule is the one used (this replaced a chain of seven comparisons).
 * BF16 outputs: the hardware ``cvt.rn.bf16.f32`` (RNE) when compiled for a GPU, integer rounding under Triton's CPU
-  interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.native_bf16``).
+  interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.launch_options``).
 * Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` is exact, so
   FMA contraction cannot change it), ``floor(t / step(t)) * step(t)`` with the division done as an exact
   multiplication by a power of two, saturated at 6.
