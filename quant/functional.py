@@ -126,6 +126,7 @@ class LayerQuantizer:
         self.seed = int(seed)
         self.amax_reduction = distributed.AmaxReduction(amax_reduction)
         self._owner = checks.register_owner(name)
+        self._sibling_owner = checks.register_sibling(name)  # names input operands in compiled code
         self._generator: torch.Generator | None = None
         self._philox: Tensor | None = None  # int64 [2] (key, counter) on the kernel path's device
         self._pending_state: Tensor | None = None  # a loaded state, applied when the stream is next created
@@ -253,12 +254,13 @@ class LayerQuantizer:
         # stream is re-seeded, per rank, after loading); the name handle is registered again in this process.
         used = self._generator is not None or self._philox is not None or self._pending_state is not None
         state["_pending_state"] = self.sr_state() if used else None
-        state["_generator"] = state["_philox"] = state["_owner"] = None
+        state["_generator"] = state["_philox"] = state["_owner"] = state["_sibling_owner"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._owner = checks.register_owner(self.name)
+        self._sibling_owner = checks.register_sibling(self.name)
 
     # -- operands -------------------------------------------------------------------------------------------------
     def compute_dtype(self, x: Tensor, weight: Tensor) -> torch.dtype:
@@ -299,7 +301,10 @@ class LayerQuantizer:
         draws = role == "grad" and seed is None and fmt.uses_sr(self.recipe)
         generator = self.generator(x.device) if draws else None
         amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
-        request = SlotRequest(slot=slot, name=checks.OwnedName(self._owner, _SLOT_WORDS[slot]), rht=rht,
+        # compiled input operands carry the sibling handle, so the graph's identical quantizations of one input
+        # (q/k/v) merge (``checks.register_sibling``); eager code shares them itself (``quant.shared_operands``)
+        owner = self._sibling_owner if role == "input" and torch.compiler.is_compiling() else self._owner
+        request = SlotRequest(slot=slot, name=checks.OwnedName(owner, _SLOT_WORDS[slot]), rht=rht,
                               generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype)
         return fmt.quantize(x, request, self.recipe, compute_dtype)
 

@@ -26,15 +26,16 @@ Two implementations of that arithmetic, selected per call by the device of the o
   this path bit for bit with float64 references.
 * fast (``fast_path``: CUDA with the Triton kernels): no dtype round trips. Scaled codes come in BF16 from the
   quantize pass itself (``Prescaled``) or from the decode kernel, dequantized operands stay in the compute dtype, and
-  BF16 (or FP16) operands go straight into a tensor-core GEMM with an FP32 output (``torch.mm(...,
-  out_dtype=float32)``: the same exact products and FP32 accumulation as the float32 matmul); the epilogue is one
-  fused pass (``quant.kernels.epilogue``, a custom op under torch.compile, so Inductor can neither contract ``acc *
-  alpha + bias`` into an FMA nor elide the final rounding). A GEMM with nothing to apply between accumulator and
-  rounding (the dense backward GEMMs) writes BF16 directly, with cuBLAS's split-K partial sums kept in FP32
-  (``rounded_gemm``). Convolutions take float32 operands and run on cuDNN with TF32 switched on locally
-  (``kernels.ops.cudnn_tf32``): TF32 reads BF16-representable values exactly, so this is the FP32 convolution's
-  arithmetic at tensor-core speed. The two paths differ only in the FP32 summation order chosen by the BLAS /
-  convolution library.
+  BF16 (or FP16) operands go straight into a tensor-core GEMM with FP32 accumulation (the products of two 8- or
+  11-bit significands are exact in FP32). A GEMM with an epilogue (alpha, bias) runs it on the accumulator inside a
+  Triton GEMM (``fused_gemm``, ``quant.kernels.scaled_mm``: a custom op under torch.compile, so Inductor can neither
+  contract ``acc * alpha + bias`` into an FMA nor elide the final rounding). A GEMM with nothing to apply between
+  accumulator and rounding (the dense backward GEMMs) is cuBLAS writing BF16 directly, with its split-K partial sums
+  kept in FP32 (``rounded_gemm``). FP32 operands (32-true runs) go to the float32 matmul and ``finish``.
+  Convolutions take float32 operands and run on cuDNN with TF32 switched on locally (``kernels.ops.cudnn_tf32``):
+  TF32 reads BF16-representable values exactly, so this is the FP32 convolution's arithmetic at tensor-core speed;
+  their epilogue is the ``quant.kernels.epilogue`` pass. The two paths differ only in the FP32 summation order chosen
+  by the GEMM / convolution implementation.
 
 The output dtype is the compute dtype (BF16 under bf16 autocast, FP32 in 32-true runs); TE's FP4 GEMM has no FP16
 output, so NVFP4 layers never compute in FP16 (checked by ``quant.functional``). FP32 operands (32-true runs) are
@@ -178,9 +179,11 @@ def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = Non
     """The TN GEMM ``a [M, K] @ b [N, K]^T -> [M, N]`` in ``out_dtype`` (bias [N] added in the epilogue)."""
     if fast_path(_device_tensor(a)):
         a2, b2, alpha = _gemm_operands(a, b, out_dtype)
-        if alpha is None and bias is None and a2.dtype == b2.dtype == out_dtype and out_dtype in _LOW_PRECISION:
-            return rounded_gemm(a2, b2.t())  # nothing between the FP32 accumulator and the one rounding
-        return finish(_contract_fast(a2, b2.t()), alpha, out_dtype, bias)
+        if a2.dtype == b2.dtype and a2.dtype in _LOW_PRECISION:
+            if alpha is None and bias is None and out_dtype == a2.dtype:
+                return rounded_gemm(a2, b2.t())  # nothing between the FP32 accumulator and the one rounding
+            return fused_gemm(a2, b2.t(), alpha, bias, out_dtype)
+        return finish(a2.to(torch.float32) @ b2.t().to(torch.float32), alpha, out_dtype, bias)  # FP32 operands
     a32, b32, alpha = prepare(a, b, out_dtype)
     return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
 
@@ -196,19 +199,12 @@ def _gemm_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _contract_fast(a: Tensor, b: Tensor) -> Tensor:
-    """``a [M, K] @ b [K, N]`` -> float32 with exact products and FP32 accumulation, any strides.
-
-    BF16 x BF16 or FP16 x FP16: a tensor-core GEMM with an FP32 output (the products of two 8- or 11-bit
-    significands are exact in FP32); anything else in float32."""
-    if a.dtype == b.dtype and a.dtype in _LOW_PRECISION:
-        return gemm_fp32_out(a, b)
-    return a.to(torch.float32) @ b.to(torch.float32)
-
-
-def gemm_fp32_out(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.mm(a, b, out_dtype=float32)`` (CUDA only; CPU tests of the fast path replace this function)."""
-    return torch.mm(a, b, out_dtype=torch.float32)
+def fused_gemm(a: Tensor, b: Tensor, alpha: Alpha | None, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``finish(a @ b, alpha, out_dtype, bias)`` for two BF16 (or FP16) matrices, with the epilogue applied inside the
+    GEMM (``quant.kernels.scaled_mm``: no FP32 accumulator tensor). CPU tests of the fast path replace this
+    function."""
+    amax_a, amax_b = (None, None) if alpha is None else (alpha.amax_a, alpha.amax_b)
+    return kernels.load().scaled_gemm(a, b, amax_a, amax_b, bias, out_dtype)
 
 
 def rounded_gemm(a: Tensor, b: Tensor) -> Tensor:

@@ -10,9 +10,11 @@ When a result is reused: the same tensor object (identity, not equal values), no
 One result is kept per key: the layers that share an input run one after the other, so the next input of the same
 kind replaces the entry, and at most one operand per key outlives its forward or backward pass. An entry must hold no
 autograd history (callers store detached tensors), or it would keep its step's graph alive into the next step. Not used
-while torch.compile traces (identity is not traceable; compiled code quantizes per layer, as before), and switched off
-by ``FP4LAB_SHARE_OPERANDS=0`` or ``sharing(False)``. A NaN in a shared input is reported under the name of the first
-layer that quantized it.
+while torch.compile traces (identity is not traceable): there the layers' identical quantize calls are merged by the
+graph's common-subexpression pass instead, which needs their arguments equal, so compiled input operands are named by
+a handle shared by sibling layers (``quant.kernels.checks.register_sibling``). Switched off by
+``FP4LAB_SHARE_OPERANDS=0`` or ``sharing(False)`` (eager only). A NaN in a shared input is reported under the name of
+the first layer that quantized it (eager) or of the sibling group (compiled).
 """
 from __future__ import annotations
 

@@ -52,6 +52,31 @@ def register_owner(name: str) -> Tensor:
     return torch.tensor([handle], dtype=torch.int64)
 
 
+_sibling_handles: dict[str, Tensor] = {}  # parent module name -> the handle its quantized layers share
+_siblings: dict[int, list[str]] = {}  # that handle -> the layers' own names (the last component)
+
+
+def register_sibling(name: str) -> Tensor:
+    """A handle shared by every layer registered under the same parent module as ``name`` (``a.b.q_proj`` and
+    ``a.b.k_proj`` get one handle, named "one of a.b.{q_proj,k_proj}").
+
+    Why: compiled code names input operands with it. torch.compile merges identical operations of one graph
+    (AOTAutograd's common-subexpression pass), so the q/k/v projections' quantizations of the same input become one
+    when their arguments are equal, as ``quant.shared_operands`` shares them in eager mode; a per-layer handle is an
+    argument that differs and would keep three copies. The error then names the sibling group."""
+    parent, _, leaf = name.rpartition(".")
+    handle = _sibling_handles.get(parent)
+    if handle is None:
+        handle = _sibling_handles[parent] = register_owner(name)
+        _siblings[int(handle)] = []
+    members = _siblings[int(handle)]
+    if leaf not in members:
+        members.append(leaf)
+    if len(members) > 1:
+        _owners[int(handle)] = f"one of {parent + '.' if parent else ''}{{{','.join(members)}}}"
+    return handle
+
+
 def owner_name(handle: Tensor) -> str:
     return _owners.get(int(handle.reshape(-1)[0]), "<unregistered layer>")
 

@@ -27,6 +27,7 @@ from quant.errors import check_float_tensor
 from quant.kernels import checks
 from quant.kernels import traced_or_eager as _call
 from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
+from quant.kernels import scaled_mm as scaled_mm_kernels
 
 _SEED_HIGH = 1 << 62
 NAMESPACE = "fp4lab"
@@ -302,6 +303,23 @@ def gemm_epilogue(acc: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bia
     ``nvfp4.gemm_alpha(amax_a, amax_b)`` (no alpha when the amaxes are None); acc float32, any layout (the op, not
     the caller, reads its strides: ``quant.kernels.epilogue``)."""
     return _call(_gemm_epilogue_op, _gemm_epilogue_eager, acc, amax_a, amax_b, bias, bias_dim, out_dtype)
+
+
+_scaled_gemm_op = _custom_op("scaled_gemm", scaled_mm_kernels.scaled_mm)
+
+
+@_scaled_gemm_op.register_fake
+def _(a: Tensor, b: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None,
+      out_dtype: torch.dtype) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+def scaled_gemm(a: Tensor, b: Tensor, amax_a: Tensor | None, amax_b: Tensor | None, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """``out_dtype(fp32(fp32((a @ b) * alpha) + bias))`` for BF16 (or FP16) a [M, K], b [K, N] with FP32 accumulation,
+    the epilogue fused into the GEMM where the layout allows (``quant.kernels.scaled_mm``); alpha =
+    ``nvfp4.gemm_alpha(amax_a, amax_b)`` (no alpha when the amaxes are None)."""
+    return _call(_scaled_gemm_op, scaled_mm_kernels.scaled_mm, a, b, amax_a, amax_b, bias, out_dtype)
 
 
 @contextlib.contextmanager

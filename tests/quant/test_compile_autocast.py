@@ -196,3 +196,46 @@ def test_input_that_does_not_fit_the_weight_is_refused_naming_the_layer(kind):
     with pytest.raises(QuantError, match=rf"^0: input of shape {re.escape(str(shape))} does not fit the weight: .*"
                                          rf"{expected}$"):
         model(torch.randn(shape))
+
+
+def _count_quantizations(block: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(forward, backward) counts of quantize operations in the AOTAutograd graphs of one compiled BF16-autocast step,
+    partitioned as Inductor partitions (``min_cut_rematerialization_partition``, which runs the graph CSE pass)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    counts = []
+
+    def count(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        counts.append(sum(1 for node in gm.graph.nodes if node.op == "call_function"
+                          and str(node.target).startswith("fp4lab.nvfp4_quantize")))
+        return gm
+
+    backend = aot_autograd(fw_compiler=count, bw_compiler=count, partition_fn=min_cut_rematerialization_partition)
+    _step(torch.compile(block, backend=backend, fullgraph=True), x)
+    return counts[0], counts[1]
+
+
+@interp
+@pytest.mark.parametrize("backward, expected", [("dequantized", (6, 0)), ("full", (6, 10))])
+def test_interp_compiled_siblings_quantize_their_shared_input_once(backward, expected, fast_path_on_cpu):  # noqa: F811
+    """q, k and v read one input: compiled, its forward operand (and in ``full`` its wgrad X^T operand) is quantized
+    once, as eager mode shares it, because the three calls carry the same arguments (the sibling handle names them)
+    and the graph's CSE merges them. Forward: 4 weights + X (q/k/v) + o's input; full backward: 4 dY + 4 dY^T + X^T
+    (q/k/v) + o's X^T."""
+    fast_path_on_cpu()
+    block, x, _ = _quantized_block(*BLOCKS["linear"], backward)
+    assert _count_quantizations(block, x) == expected
+
+
+def test_sibling_layers_share_one_handle_named_after_the_group():
+    from quant.kernels import checks
+
+    q = checks.register_sibling("test_group.attn.q")
+    k = checks.register_sibling("test_group.attn.k")
+    other = checks.register_sibling("test_group.mlp.up")
+    assert int(q) == int(k) != int(other)
+    assert checks.owner_name(q) == "one of test_group.attn.{q,k}"
+    assert checks.owner_name(other) == "test_group.mlp.up"  # a layer without siblings keeps its own name
+    assert int(checks.register_sibling("test_group.attn.q")) == int(q)  # registering again (unpickling) adds nothing
+    assert checks.owner_name(q) == "one of test_group.attn.{q,k}"

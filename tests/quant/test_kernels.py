@@ -464,6 +464,8 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.conv_unfold.default, (x4, [3, 3], [3, 6], *conv[:3]))
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_scaled.default,
                           (x, 16, False, None, "w", owner, torch.bfloat16))
+    a, w = x[:, :32], hard_tensor((24, 32), torch.bfloat16, seed=2)
+    torch.library.opcheck(torch.ops.fp4lab.scaled_gemm.default, (a, w.t(), amax_a, amax_b, bias[:24], torch.bfloat16))
 
 
 @interp
@@ -516,6 +518,45 @@ def test_interp_epilogue_equals_the_reference_finish_in_every_layout():
     assert int(nan_out.view(torch.int16)) == 0x7FC0  # PyTorch's BF16 NaN, not -0.0
 
 
+def _exact_sum_operands(m: int, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BF16 a [M, K] and w [N, K] of half-integers in [-6, 6] (E2M1 magnitudes): every product is a multiple of 1/4
+    below 36, so every FP32 partial sum is exact for these K and the GEMM's result cannot depend on the summation
+    order."""
+    def draw(rows: int) -> torch.Tensor:
+        return (torch.randint(-12, 13, (rows, k), generator=g) * 0.5).to(torch.bfloat16)
+    return draw(m), draw(n)
+
+
+@interp
+def test_interp_scaled_gemm_equals_the_reference_epilogue():
+    """The GEMM with the fused epilogue == ``gemm.finish`` of the FP32 accumulator (alpha, bias, one rounding), bit
+    for bit, on the fused kernel (tile tails in M, N and K; b as a weight's transpose or row-major) and on the two-pass
+    path it falls back to (N % 8 != 0, a strided a)."""
+    from quant import gemm
+    from quant.kernels import scaled_mm
+
+    kernel_ops = _kernel_ops()
+    g = torch.Generator().manual_seed(0)
+    alpha = gemm.Alpha(torch.tensor(5.125), torch.tensor(0.0367))  # not a power of two: acc * alpha rounds
+    cases = [(40, 24, 48, True), (130, 136, 80, True), (8, 16, 16, True), (33, 20, 48, False)]
+    for m, n, k, expect_fused in cases:
+        a, w = _exact_sum_operands(m, n, k, g)
+        bias = torch.randn(n, generator=g).to(torch.bfloat16)
+        strided = torch.zeros(m, 2 * k, dtype=torch.bfloat16)
+        strided[:, ::2] = a
+        operands = {"b = w^T": (a, w.t()), "b row-major": (a, w.t().contiguous()), "strided a": (strided[:, ::2], w.t())}
+        for layout, (a_in, b_in) in operands.items():
+            fused = expect_fused and layout != "strided a"
+            assert scaled_mm.fused(a_in, b_in, torch.bfloat16) is fused, (m, n, k, layout)
+            for al, b in ((alpha, bias), (None, bias), (alpha, None)):
+                amaxes = (None, None) if al is None else (al.amax_a, al.amax_b)
+                got = kernel_ops.scaled_gemm(a_in, b_in, *amaxes, b, torch.bfloat16)
+                expected = gemm.finish(_f64_gemm(a, w.t()), al, torch.bfloat16, b)  # CPU tensor: the reference
+                assert got.is_contiguous()
+                assert_same_bits(got, expected, f"scaled_gemm {m}x{n}x{k} {layout} alpha={al is not None} "
+                                                f"bias={b is not None} fused={fused}")
+
+
 @interp
 def test_interp_philox_counter_extends_the_seed():
     """SR seeds are (key, counter): counter 0 is the old key-only stream, other counters give other bits."""
@@ -563,7 +604,8 @@ def fast_path_on_cpu(monkeypatch):
     switch the dispatch on."""
     from quant import gemm, kernels
 
-    monkeypatch.setattr(gemm, "gemm_fp32_out", _f64_gemm)
+    monkeypatch.setattr(gemm, "fused_gemm",
+                        lambda a, b, alpha, bias, out_dtype: gemm.finish(_f64_gemm(a, b), alpha, out_dtype, bias))
     monkeypatch.setattr(gemm, "rounded_gemm", lambda a, b: _f64_gemm(a, b).to(a.dtype))
     monkeypatch.setattr(gemm, "_contract", lambda a32, b32, exact: _f64_gemm(a32, b32))
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
@@ -841,6 +883,40 @@ def test_gpu_non_finite_raises_asynchronously():
         checks.raise_pending()
     nvfp4.quantize(torch.randn(16, 16, device="cuda"))
     checks.raise_pending()  # the flag was cleared with the error
+
+
+@gpu_test
+@pytest.mark.parametrize("m, n, k", [(8192, 1024, 1024), (1000, 2816, 1024), (4096, 1024, 2816), (300, 136, 80),
+                                     (64, 24, 16)])
+def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k):
+    """The fused GEMM on the tensor cores == cuBLAS with an FP32 output + the epilogue kernel: bit for bit where the
+    FP32 sums are exact (E2M1 magnitudes), and on NVFP4 scaled codes of random data (whose FP32 sums may round
+    differently in another order) in all but a rare element, by at most one BF16 ulp."""
+    from quant import gemm
+    from quant.kernels import scaled_mm
+
+    kernel_ops = _kernel_ops()
+    g = torch.Generator().manual_seed(m + n + k)
+    a, w = (t.cuda() for t in _exact_sum_operands(m, n, k, g))
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    amax_a, amax_b = torch.tensor(5.125, device="cuda"), torch.tensor(0.0367, device="cuda")
+
+    def two_pass(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        return kernel_ops.gemm_epilogue(torch.mm(a2, b2, out_dtype=torch.float32), amax_a, amax_b, bias, 1,
+                                        torch.bfloat16)
+
+    for b in (w.t(), w.t().contiguous()):
+        assert scaled_mm.fused(a, b, torch.bfloat16)
+        assert_same_bits(kernel_ops.scaled_gemm(a, b, amax_a, amax_b, bias, torch.bfloat16), two_pass(a, b),
+                         f"exact sums {m}x{n}x{k} b strides {b.stride()}")
+    qa = nvfp4.quantize(torch.randn(m, k, generator=g).to(torch.bfloat16).cuda())
+    qw = nvfp4.quantize(torch.randn(n, k, generator=g).to(torch.bfloat16).cuda())
+    sa, sw = nvfp4.scaled_codes(qa, torch.bfloat16), nvfp4.scaled_codes(qw, torch.bfloat16)
+    got = kernel_ops.scaled_gemm(sa, sw.t(), qa.amax, qw.amax, bias, torch.bfloat16)
+    expected = gemm.finish(torch.mm(sa, sw.t(), out_dtype=torch.float32), gemm.Alpha(qa.amax, qw.amax),
+                           torch.bfloat16, bias)
+    ulps = (_int_view(got).int() - _int_view(expected).int()).abs()
+    assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 1e-4, (int(ulps.max()), int((ulps > 0).sum()))
 
 
 @gpu_test
