@@ -14,8 +14,8 @@ model's own high-precision layers, e.g. embeddings and stems, stay BF16); the pe
 (``bench/torchao_nvfp4.py``: torchao's NVFP4 quantize/dequantize on the same Linear layers, dequantized backward;
 decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32``
 suffix runs a mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact
-under BF16 autocast, so TF32 changes only the accumulation. Each mode runs in the ``--compile`` settings: ``eager``; ``blocks``, each block
-(``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``); ``graph``, the whole step captured in
+under BF16 autocast, so TF32 changes only the accumulation. Each mode runs in the ``--compile`` settings:
+``eager``; ``blocks``, each block (``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``); ``graph``, the whole step captured in
 one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the host's Python and launches, a replay is
 not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
 after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile spread; ratios are

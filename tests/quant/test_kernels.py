@@ -544,7 +544,8 @@ def test_interp_scaled_gemm_equals_the_reference_epilogue():
         bias = torch.randn(n, generator=g).to(torch.bfloat16)
         strided = torch.zeros(m, 2 * k, dtype=torch.bfloat16)
         strided[:, ::2] = a
-        operands = {"b = w^T": (a, w.t()), "b row-major": (a, w.t().contiguous()), "strided a": (strided[:, ::2], w.t())}
+        operands = {"b = w^T": (a, w.t()), "b row-major": (a, w.t().contiguous()),
+                    "strided a": (strided[:, ::2], w.t())}
         for layout, (a_in, b_in) in operands.items():
             fused = expect_fused and layout != "strided a"
             assert scaled_mm.fused(a_in, b_in, torch.bfloat16) is fused, (m, n, k, layout)
