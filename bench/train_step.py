@@ -15,9 +15,9 @@ model's own high-precision layers, e.g. embeddings and stems, stay BF16); the pe
 decoder only, skipped with the reason where torchao is absent or the model quantizes convolutions). A ``+tf32``
 suffix runs a mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whose FP32 operands are all BF16-exact
 under BF16 autocast, so TF32 changes only the accumulation. Each mode runs in the ``--compile`` settings:
-``eager``; ``blocks``, each block (``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``); ``graph``, the whole step captured in
-one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the host's Python and launches, a replay is
-not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
+``eager``; ``blocks``, each block (``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``);
+``graph``, the whole step captured in one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the
+host's Python and launches, a replay is not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
 after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile spread; ratios are
 against the BF16 step of the same compile setting, measured in the same run. Models run in the order given, eager
 rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
