@@ -17,10 +17,10 @@ suffix runs a mode with TF32 matmuls allowed: a what-if for ``quant.gemm``, whos
 under BF16 autocast, so TF32 changes only the accumulation. Each mode runs in the ``--compile`` settings:
 ``eager``; ``blocks``, each block (``quant.find_blocks``) compiled by ``torch.compile`` (for ``--compile-models``);
 ``graph``, the whole step captured in one CUDA graph and replayed (``graphed``: an eager NVFP4 step is bound by the
-host's Python and launches, a replay is not); ``blocks+graph``, both. Times are medians of CUDA-event timings over ``--steps`` steps
-after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile spread; ratios are
-against the BF16 step of the same compile setting, measured in the same run. Models run in the order given, eager
-rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
+host's Python and launches, a replay is not); ``blocks+graph``, both. Times are medians of CUDA-event timings over
+``--steps`` steps after ``--warmup`` steps (compilation happens in the first step), with the 10th-90th percentile
+spread; ratios are against the BF16 step of the same compile setting, measured in the same run. Models run in the
+order given, eager rows before compiled ones; ``--time-limit`` skips what is left once exceeded.
 
 Compiled rows also report how many graphs Dynamo compiled and how many graph breaks it met over all their steps
 (``graphs/breaks``): blocks of one shape must share their graphs (no per-layer recompiles). The layers'
