@@ -632,13 +632,20 @@ class ConvGeometry:
 
     The three contractions take float32 tensors and return float32 sums; on the fast path (``gemm.fast_path``) they
     run on cuDNN with TF32 switched on for the call (``quant.kernels.ops.cudnn_tf32``), which reads the emulation's
-    BF16-representable operands exactly."""
+    BF16-representable operands exactly. The backward GEMMs without an epilogue take ``rounded_grads``."""
 
     transposed: bool
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
     output_padding: tuple[int, int] = (0, 0)
+
+    def pointwise(self, kernel: tuple[int, int]) -> bool:
+        """Is this a 1x1 convolution with stride 1 and no padding, i.e. a GEMM of the pixel rows [N*H*W, Ci] with the
+        weight [Co, Ci]? On the fast path such a layer runs its fprop and ``full`` dgrad as ``gemm.mm`` (BF16
+        operands, the fused epilogue) instead of an FP32 convolution and an epilogue pass."""
+        return (not self.transposed and tuple(kernel) == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and self.output_padding == (0, 0))
 
     def _args(self) -> tuple[list[int], list[int], list[int], bool, list[int]]:
         return list(self.stride), list(self.padding), list(self.dilation), self.transposed, list(self.output_padding)
@@ -668,6 +675,21 @@ class ConvGeometry:
             self.output_padding, 1, [False, True, False],
         )[1]
 
+    def rounded_grads(self, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool], dtype: torch.dtype
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """(dX, dW) of the backward GEMMs that multiply dense operands (``dequantized``, ``high_precision``), each the
+        FP32 contraction rounded once to ``dtype``; None where ``need`` says not needed.
+
+        Fast path with BF16 (FP16) operands: cuDNN in that dtype (``rounded_conv_grads``), whose tensor-core kernels
+        accumulate in FP32 and round once, the way ``quant.gemm.rounded_gemm`` serves linear layers; no FP32 copies
+        of dY, X and W and no FP32 results. Otherwise: float32 contractions, then one rounding."""
+        if gemm.fast_path(dy) and dtype in (torch.bfloat16, torch.float16):
+            return rounded_conv_grads(self, dy.to(dtype), x.to(dtype), weight.to(dtype), need)
+        dy32 = dy.to(torch.float32)
+        grad_x = _round(self.input_grad(dy32, weight.to(torch.float32), x.shape), dtype) if need[0] else None
+        grad_w = _round(self.weight_grad(dy32, x.to(torch.float32), weight.shape), dtype) if need[1] else None
+        return grad_x, grad_w
+
     def unfold(self, t: Tensor, kernel: tuple[int, int], positions: tuple[int, int]) -> Tensor:
         """Im2col of t [N, C, H, W] with this geometry's taps: -> [kh*kw*C, N*P] (``quant.im2col``; a custom op on
         the fast path, so torch.compile keeps ATen's im2col)."""
@@ -675,6 +697,22 @@ class ConvGeometry:
         if gemm.fast_path(t):
             return kernels.load().conv_unfold(*args)
         return im2col.unfold_tokens(*args)
+
+
+def _as_gemm(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch.dtype) -> bool:
+    """Does this layer's GEMM run as ``gemm.mm`` of pixel rows (``ConvGeometry.pointwise``, on the fast path, in a
+    BF16 or FP16 compute dtype)?"""
+    return geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16)
+
+
+def rounded_conv_grads(geo: ConvGeometry, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool]
+                       ) -> tuple[Tensor | None, Tensor | None]:
+    """``ConvGeometry.rounded_grads`` on the fast path: cuDNN convolutions of BF16 (FP16) tensors writing their dtype.
+    CPU tests of the fast path replace this function."""
+    ops = kernels.load()
+    grad_x = ops.rounded_conv_input_grad(dy, weight, list(x.shape), *geo._args()) if need[0] else None
+    grad_w = ops.rounded_conv_weight_grad(dy, x, list(weight.shape), *geo._args()) if need[1] else None
+    return grad_x, grad_w
 
 
 def _pixels(t: Tensor) -> Tensor:
@@ -719,13 +757,20 @@ class _QuantConvFunction(torch.autograd.Function):
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
-            scaled = q.gemm_operand_dtype("input", "weight", torch.float32)  # convolutions contract float32
+            as_gemm = _as_gemm(geo, tuple(w_oi.shape[2:]), x_c, dtype)
+            # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM
+            scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm else torch.float32)
             xq = q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled)  # [N*H*W, Ci]
             wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled)  # [Co, kh*kw*Ci]
-            x32, w32, alpha = gemm.prepare(xq, wq, dtype)
-            w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)
-            acc = geo.convolution(_unpixels(x32, x_c.shape), w_mod)
-            y = gemm.finish(acc, alpha, dtype, None if bias is None else bias.to(dtype), bias_dim=1)  # [N, Co, OH, OW]
+            bias_c = None if bias is None else bias.to(dtype)
+            if as_gemm:
+                n, _, h, w = x_c.shape
+                y = _unpixels(gemm.mm(xq, wq, dtype, bias_c), (n, w_oi.shape[0], h, w))
+            else:
+                x32, w32, alpha = gemm.prepare(xq, wq, dtype)
+                w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)
+                acc = geo.convolution(_unpixels(x32, x_c.shape), w_mod)
+                y = gemm.finish(acc, alpha, dtype, bias_c, bias_dim=1)  # [N, Co, OH, OW]
         if not track:
             _save(ctx)
         elif q.backward == "full":
@@ -755,11 +800,7 @@ class _QuantConvFunction(torch.autograd.Function):
             else:
                 saved_x, saved_w = _saved(ctx)
                 x_val, w_val = _forward_values(q, saved_x, saved_w, ctx, geo)
-                dy32 = dy.to(torch.float32)
-                if need_x:
-                    grad_x = _round(geo.input_grad(dy32, w_val.to(torch.float32), ctx.x_shape), dtype)
-                if need_w:
-                    grad_w = _round(geo.weight_grad(dy32, x_val.to(torch.float32), ctx.w_shape), dtype)
+                grad_x, grad_w = geo.rounded_grads(dy, x_val, w_val, (need_x, need_w), dtype)
             if need_b and ctx.has_bias:
                 grad_b = _bias_grad(dy, (0, 2, 3), dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -793,11 +834,14 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, ge
                 seed: Tensor | None) -> Tensor:
     """dX with dY quantized per output pixel along Co and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
-    scaled = q.gemm_operand_dtype("grad", "weight", torch.float32)
+    as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
+    scaled = q.gemm_operand_dtype("grad", "weight", dtype if as_gemm else torch.float32)
     dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
     fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
     wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
+    if as_gemm:
+        return _unpixels(gemm.mm(dyq, wq, dtype), ctx.x_shape)
     dy32, w32, alpha = gemm.prepare(dyq, wq, dtype)
     w_mod = _module_weight(_from_dgrad_matrix(w32, w_oi_shape), geo)
     return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)

@@ -596,6 +596,15 @@ def _train_step(model: torch.nn.Module, seed: int = 1) -> list[torch.Tensor]:
     return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
+def _fp32_conv_grads(geo, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need: tuple[bool, bool]):
+    """``functional.rounded_conv_grads`` as FP32 convolutions rounded once (CPU convolutions in BF16 do not promise
+    FP32 accumulation; the GPU test below holds cuDNN's BF16 kernels to this)."""
+    dy32 = dy.to(torch.float32)
+    grad_x = geo.input_grad(dy32, weight.to(torch.float32), x.shape).to(dy.dtype) if need[0] else None
+    grad_w = geo.weight_grad(dy32, x.to(torch.float32), weight.shape).to(dy.dtype) if need[1] else None
+    return grad_x, grad_w
+
+
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """Runs the CUDA implementation of ``quant.gemm`` / ``quant.functional`` (BF16 operands, fused epilogue, TF32
@@ -603,11 +612,12 @@ def fast_path_on_cpu(monkeypatch):
     order-independent stand-in for ``torch.mm(out_dtype=float32)``, which CPU PyTorch lacks. The reference path's
     contraction gets the same stand-in, so the two paths must agree bit for bit. Call the returned function to
     switch the dispatch on."""
-    from quant import gemm, kernels
+    from quant import functional, gemm, kernels
 
     monkeypatch.setattr(gemm, "fused_gemm",
                         lambda a, b, alpha, bias, out_dtype: gemm.finish(_f64_gemm(a, b), alpha, out_dtype, bias))
     monkeypatch.setattr(gemm, "rounded_gemm", lambda a, b: _f64_gemm(a, b).to(a.dtype))
+    monkeypatch.setattr(functional, "rounded_conv_grads", _fp32_conv_grads)
     monkeypatch.setattr(gemm, "_contract", lambda a32, b32, exact: _f64_gemm(a32, b32))
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
 
@@ -887,12 +897,13 @@ def test_gpu_non_finite_raises_asynchronously():
 
 
 @gpu_test
-@pytest.mark.parametrize("m, n, k", [(8192, 1024, 1024), (1000, 2816, 1024), (4096, 1024, 2816), (300, 136, 80),
-                                     (64, 24, 16)])
-def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k):
+@pytest.mark.parametrize("m, n, k, fused", [(8192, 1024, 1024, True), (4096, 2048, 2816, True),
+                                             (1000, 2816, 1024, False), (300, 136, 80, False), (64, 24, 16, False)])
+def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k, fused):
     """The fused GEMM on the tensor cores == cuBLAS with an FP32 output + the epilogue kernel: bit for bit where the
     FP32 sums are exact (E2M1 magnitudes), and on NVFP4 scaled codes of random data (whose FP32 sums may round
-    differently in another order) in all but a rare element, by at most one BF16 ulp."""
+    differently in another order) in all but a rare element, by at most one BF16 ulp. Outputs of fewer than two tiles
+    per multiprocessor take the two-pass path (``scaled_mm.fused``), with the same results."""
     from quant import gemm
     from quant.kernels import scaled_mm
 
@@ -907,7 +918,7 @@ def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k):
                                         torch.bfloat16)
 
     for b in (w.t(), w.t().contiguous()):
-        assert scaled_mm.fused(a, b, torch.bfloat16)
+        assert scaled_mm.fused(a, b, torch.bfloat16) is fused  # fewer than two tiles per multiprocessor: two-pass
         assert_same_bits(kernel_ops.scaled_gemm(a, b, amax_a, amax_b, bias, torch.bfloat16), two_pass(a, b),
                          f"exact sums {m}x{n}x{k} b strides {b.stride()}")
     qa = nvfp4.quantize(torch.randn(m, k, generator=g).to(torch.bfloat16).cuda())
@@ -918,6 +929,42 @@ def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k):
                            torch.bfloat16, bias)
     ulps = (_int_view(got).int() - _int_view(expected).int()).abs()
     assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 1e-4, (int(ulps.max()), int((ulps > 0).sum()))
+
+
+@gpu_test
+@pytest.mark.parametrize("transposed, kernel, stride", [(False, 3, 1), (False, 1, 2), (False, 3, 2), (True, 2, 2)])
+def test_gpu_bf16_conv_grads_are_fp32_sums_rounded_once(transposed, kernel, stride):
+    """``ConvGeometry.rounded_grads`` on the GPU (cuDNN convolutions of BF16 tensors writing BF16) == the FP32
+    convolutions of the same values (TF32 reads BF16 values exactly) rounded once, in all but rare elements whose FP32
+    sums round differently in another summation order (0.3% of dW's 6272-term sums on an H200). Those differ by at
+    most one BF16 ulp plus an FP32 summation error (2^-14 of the sum of the terms' magnitudes; large in BF16 ulps only
+    where the terms cancel). A kernel that accumulated or reduced split-K partial sums in BF16 would differ in most
+    elements, by about 2^-8 of that sum."""
+    from quant import functional
+
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    padding = (0, 0) if transposed else (kernel // 2, kernel // 2)
+    geo = functional.ConvGeometry(transposed, (stride, stride), padding, (1, 1))
+    x = torch.randn(8, 64, 28, 28, generator=g).to(torch.bfloat16).cuda().to(memory_format=torch.channels_last)
+    shape = (64, 128, kernel, kernel) if transposed else (128, 64, kernel, kernel)
+    weight = (torch.randn(shape, generator=g) / kernel).to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        y = torch.ops.aten.convolution(x, weight, None, list(geo.stride), list(geo.padding), list(geo.dilation),
+                                       transposed, [0, 0], 1)
+    dy = torch.randn(y.shape, generator=g).to(torch.bfloat16).cuda().to(memory_format=torch.channels_last)
+    grad_x, grad_w = geo.rounded_grads(dy, x, weight, (True, True), torch.bfloat16)
+    assert grad_x.dtype == grad_w.dtype == torch.bfloat16
+    dy32, w32, x32 = dy.float(), weight.float(), x.float()
+    for name, got, expected, magnitude in (
+            ("dX", grad_x, geo.input_grad(dy32, w32, x.shape), geo.input_grad(dy32.abs(), w32.abs(), x.shape)),
+            ("dW", grad_w, geo.weight_grad(dy32, x32, weight.shape),
+             geo.weight_grad(dy32.abs(), x32.abs(), weight.shape))):
+        rounded = expected.to(torch.bfloat16)
+        differs = _int_view(got) != _int_view(rounded)
+        assert float(differs.float().mean()) < 2e-2, (name, float(differs.float().mean()))
+        one_ulp = (rounded.float().abs() * 2.0 ** -7).clamp_min(2.0 ** -126)
+        error = (got.float() - expected).abs()
+        assert bool((error <= one_ulp + magnitude * 2.0 ** -14).all()), (name, float((error / magnitude).max()))
 
 
 @gpu_test
