@@ -115,7 +115,10 @@ def test_a_full_disk_while_writing_plots_stops_with_one_message(cfg_factory, tmp
         run(cfg)
     assert stopped.value.code == 2
     assert "No space left on device" in caplog.text and "an analysis figure could not be written" in caplog.text
-    torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # intact
+    # The figures are written on a background thread, so the error stops the run after the first step or after a later
+    # one, and a checkpoint may or may not have been written by then (CI saw both); whatever was written is intact.
+    for checkpoint in (out / "checkpoints").glob("*.ckpt"):
+        torch.load(checkpoint, weights_only=True)
 
 
 def _limit_file_size(limit: int):
