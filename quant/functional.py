@@ -288,12 +288,14 @@ class LayerQuantizer:
         return dtype
 
     def operand(self, slot: str, x: Tensor, compute_dtype: torch.dtype, rht: bool = False,
-                seed: Tensor | None = None, scaled_dtype: torch.dtype | None = None) -> Operand:
+                seed: Tensor | None = None, scaled_dtype: torch.dtype | None = None,
+                dequantized_dtype: torch.dtype | None = None) -> Operand:
         """Quantize the 2-D operand ``x`` of ``slot`` if its role is quantized, else return it in the compute dtype.
 
         ``seed``: the Philox (key, counter) of a grad slot on the kernel path (``sr_seeds``); without it, stochastic
         rounding draws from the layer's generator. ``scaled_dtype``: the GEMM's operand dtype when the other operand
-        is quantized too (``gemm_operand_dtype``); NVFP4 on the kernel path then writes the scaled codes as well."""
+        is quantized too (``gemm_operand_dtype``); NVFP4 on the kernel path then writes the scaled codes as well, and
+        with ``dequantized_dtype`` TE's dequantized values too (``keeps_dequantized``)."""
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
         role = layer_formats.SLOT_ROLE[slot]
@@ -305,8 +307,16 @@ class LayerQuantizer:
         # (q/k/v) merge (``checks.register_sibling``); eager code shares them itself (``quant.shared_operands``)
         owner = self._sibling_owner if role == "input" and torch.compiler.is_compiling() else self._owner
         request = SlotRequest(slot=slot, name=checks.OwnedName(owner, _SLOT_WORDS[slot]), rht=rht,
-                              generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype)
+                              generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype,
+                              dequantized_dtype=dequantized_dtype)
         return fmt.quantize(x, request, self.recipe, compute_dtype)
+
+    def keeps_dequantized(self, track: bool, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype in which the forward's quantize pass also writes TE's dequantized X and W, or None: ``dtype``
+        when autograd records this call and the backward is ``dequantized``, whose GEMMs multiply exactly those values
+        (kept for the backward instead of the codes: no decode pass there, 2 bytes per element saved instead of
+        0.56, as the BF16 layer saves X)."""
+        return dtype if track and self.backward == "dequantized" else None
 
     def gemm_operand_dtype(self, role_a: str, role_b: str, dtype: torch.dtype) -> torch.dtype | None:
         """``dtype`` if both operands of a GEMM (their roles) are quantized in the same format, so that the GEMM
@@ -442,8 +452,8 @@ def _share_key(q: LayerQuantizer, slot: str, role: str, *settings: object) -> tu
     return (slot, role in q.roles, q.format_of(role), q.recipe, *settings)
 
 
-def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch.dtype | None
-                 ) -> tuple[Tensor, Operand]:
+def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch.dtype | None,
+                 keep: torch.dtype | None) -> tuple[Tensor, Operand]:
     """X as [M, K] in the compute dtype and its forward operand; shared with the layers that read the same x.
 
     A shared X is detached (same storage and version counter): a reshaped view would hold x, and through x's
@@ -456,10 +466,18 @@ def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if detached:
             x2 = x2.detach()
-        return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled)
+        return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled, dequantized_dtype=keep)
 
-    key = _share_key(q, "fprop_input", "input", dtype, scaled)
+    key = _share_key(q, "fprop_input", "input", dtype, scaled, keep)
     return make(False) if key is None else _FORWARD_SHARE.get(x, key, lambda: make(True))
+
+
+def _kept_values(operand: Operand) -> Operand | Tensor:
+    """What a ``dequantized`` forward saves of a quantized operand: its dequantized values when the quantize pass wrote
+    them (``LayerQuantizer.keeps_dequantized``), else the operand (NVFP4: packed, decoded in the backward)."""
+    if isinstance(operand, gemm.Prescaled) and operand.dequantized is not None:
+        return operand.dequantized
+    return operand
 
 
 def _forward_input_values(saved_x: Operand | Tensor, dtype: torch.dtype) -> Tensor:
@@ -527,8 +545,9 @@ class _QuantLinearFunction(torch.autograd.Function):
 
     * ``full``: X in the compute dtype (wgrad quantizes X^T along tokens, a different blocking) and, for the dgrad
       W^T, the forward's quantized W when the 16x16 tiles make it reusable (else the weight parameter);
-    * ``dequantized``: the forward's quantized X and W (NVFP4: packed codes, 0.56 bytes per element instead of 2 for
-      dequantized BF16 copies), decoded to the compute dtype in the backward;
+    * ``dequantized``: the forward's quantized X and W: on the kernel path their dequantized values in the compute
+      dtype, written by the forward's quantize pass (``LayerQuantizer.keeps_dequantized``); otherwise NVFP4 packed
+      codes (0.56 bytes per element), decoded to the compute dtype in the backward;
     * ``high_precision``: X in the compute dtype and the weight parameter (cast in the backward).
     Unquantized roles save their input. ``seeds``: the call's SR Philox counters on the kernel path (``sr_seeds``).
     """
@@ -538,15 +557,17 @@ class _QuantLinearFunction(torch.autograd.Function):
                 dtype: torch.dtype, track: bool) -> Tensor:
         with _autocast_off(x):
             scaled = q.gemm_operand_dtype("input", "weight", torch.bfloat16)
-            x2, xq = _fprop_input(q, x, dtype, scaled)  # [M, K]
-            wq = q.operand("fprop_weight", weight, dtype, scaled_dtype=scaled)  # [N, K]
+            keep = q.keeps_dequantized(track, dtype)
+            x2, xq = _fprop_input(q, x, dtype, scaled, keep)  # [M, K]
+            wq = q.operand("fprop_weight", weight, dtype, scaled_dtype=scaled, dequantized_dtype=keep)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
         if not track:
             _save(ctx)
         elif q.backward == "full":
             _save(ctx, x2, q.kept_for_dgrad(wq, weight), seeds)
         elif q.backward == "dequantized":
-            _save(ctx, xq if "input" in q.roles else x2, wq if "weight" in q.roles else weight)
+            _save(ctx, _kept_values(xq) if "input" in q.roles else x2, _kept_values(wq) if "weight" in q.roles
+                  else weight)
         else:
             _save(ctx, x2, weight)
         ctx.q, ctx.dtype, ctx.x_shape, ctx.has_bias = q, dtype, x.shape, bias is not None
@@ -760,8 +781,11 @@ class _QuantConvFunction(torch.autograd.Function):
             as_gemm = _as_gemm(geo, tuple(w_oi.shape[2:]), x_c, dtype)
             # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM
             scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm else torch.float32)
-            xq = q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled)  # [N*H*W, Ci]
-            wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled)  # [Co, kh*kw*Ci]
+            keep = q.keeps_dequantized(track, dtype)
+            xq = q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled,
+                           dequantized_dtype=keep)  # [N*H*W, Ci]
+            wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled,
+                           dequantized_dtype=keep)  # [Co, kh*kw*Ci]
             bias_c = None if bias is None else bias.to(dtype)
             if as_gemm:
                 n, _, h, w = x_c.shape
@@ -776,7 +800,8 @@ class _QuantConvFunction(torch.autograd.Function):
         elif q.backward == "full":
             _save(ctx, x_c, q.kept_for_dgrad(wq, weight), seeds)
         elif q.backward == "dequantized":
-            _save(ctx, xq if "input" in q.roles else x_c, wq if "weight" in q.roles else weight)
+            _save(ctx, _kept_values(xq) if "input" in q.roles else x_c, _kept_values(wq) if "weight" in q.roles
+                  else weight)
         else:
             _save(ctx, x_c, weight)
         ctx.q, ctx.dtype, ctx.geo, ctx.has_bias = q, dtype, geo, bias is not None

@@ -71,10 +71,12 @@ class Relaid:
 @dataclass(frozen=True, eq=False)
 class Prescaled:
     """An NVFP4 tensor together with its scaled codes ``nvfp4.scaled_codes(source, values.dtype)``, written by the
-    quantize kernel in the same pass as the codes (fast path), so the GEMM needs no decode."""
+    quantize kernel in the same pass as the codes (fast path), so the GEMM needs no decode; and, for a layer whose
+    backward multiplies the forward's dequantized operands, those values (``dense``) from the same pass."""
 
     source: nvfp4.NVFP4Tensor
     values: Tensor  # [rows, cols] scaled codes e2m1 * s_b, BF16 or float32 (exact either way)
+    dequantized: Tensor | None = None  # [rows, cols] TE's dequantized values in the compute dtype, or None
 
     @property
     def amax(self) -> Tensor:
@@ -150,6 +152,8 @@ def dense(operand: Operand, compute_dtype: torch.dtype) -> Tensor:
         values = operand.layout(dense(operand.source, compute_dtype))
         return values if fast_path(values) else values.contiguous()
     if isinstance(operand, Prescaled):
+        if operand.dequantized is not None and operand.dequantized.dtype == compute_dtype:
+            return operand.dequantized
         return dense(operand.source, compute_dtype)
     if isinstance(operand, nvfp4.NVFP4Tensor):
         values = nvfp4.dequantize(operand, dtype=compute_dtype)

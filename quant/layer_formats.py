@@ -66,6 +66,8 @@ class SlotRequest:
     seed: Tensor | None = None  # SR Philox (key, counter), int64 [2], instead of ``generator`` (kernel path)
     # NVFP4 on the kernel path: also write the GEMM operand (scaled codes) in this dtype, in the quantize pass
     scaled_dtype: torch.dtype | None = None
+    # ... and with it TE's dequantized values in this dtype (a forward operand the ``dequantized`` backward multiplies)
+    dequantized_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,12 @@ class NVFP4Layer(LayerFormat):
         role = SLOT_ROLE[request.slot]
         tile = recipe.weight_tile if role == "weight" else (1, nvfp4.BLOCK)
         stochastic = role == "grad" and recipe.stochastic_rounding
+        both = request.dequantized_dtype is not None and not (request.rht or stochastic or request.seed is not None)
+        if request.scaled_dtype is not None and request.amax_reduce is None and kernels.enabled_for(x) and both:
+            q, values, dequantized = kernels.load().nvfp4_quantize_both(
+                x, tile=tile, name=request.name, dtype=request.scaled_dtype,
+                dequantized_dtype=request.dequantized_dtype)
+            return gemm.Prescaled(q, values, dequantized)
         if request.scaled_dtype is not None and request.amax_reduce is None and kernels.enabled_for(x):
             q, values = kernels.load().nvfp4_quantize_scaled(
                 x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name,

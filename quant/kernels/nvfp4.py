@@ -126,10 +126,12 @@ def _quantize_kernel(
     amax_ptr, seed_ptr,  # float32 [1] global amax; int64 [2] SR Philox (key, counter) (read only if STOCHASTIC)
     out_ptr,  # values [M, K] contiguous, output dtype (if WRITE_VALUES): dequantized, or the scaled codes
     codes_ptr, scales_ptr,  # uint8 [M, KP/2] packed codes, uint8 [M, KP/16] scale bytes (if WRITE_CODES)
+    dequantized_ptr,  # a second values output [M, K] (if WRITE_DEQUANTIZED): dequantized, next to scaled codes
     TILE_ROWS: tl.constexpr, RHT: tl.constexpr, STOCHASTIC: tl.constexpr,
-    WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SCALED_VALUES: tl.constexpr,
+    WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr, SCALED_VALUES: tl.constexpr, WRITE_DEQUANTIZED: tl.constexpr,
     SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr, E2M1_X_E4M3: tl.constexpr,
-    FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, DEQUANTIZED_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
 ):
     NB: tl.constexpr = BK // 16
     pid_m, pid_k = tile_index(KP, BK, True)  # backwards: the amax pass just read the last tiles
@@ -185,6 +187,8 @@ def _quantize_kernel(
         tl.store(scales_ptr + rows[:, None] * (KP // 16) + scale_cols[None, :],
                  tl.where(poisoned, 0x7F, scale_byte).to(tl.uint8),
                  mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :])
+    cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    value_mask = row_ok[:, None] & (cols < K)[None, :]
     if WRITE_VALUES:
         if SCALED_VALUES:  # the GEMM operand e2m1 * s_b, as _decode_kernel computes it from the codes
             factor = scale
@@ -192,9 +196,12 @@ def _quantize_kernel(
             factor = (scale * amax) * INV_2688
         factor = tl.where(poisoned, float("nan"), factor)  # [BM, NB]: every value of a poisoned tensor is NaN
         values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
-        cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
-        store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                     OUT_BF16_BITS, NATIVE_BF16)
+        store_values(out_ptr + rows[:, None] * K + cols[None, :], values, value_mask, OUT_BF16_BITS, NATIVE_BF16)
+    if WRITE_DEQUANTIZED:  # TE's dequant as well (the scaled codes went to out_ptr)
+        factor = tl.where(poisoned, float("nan"), (scale * amax) * INV_2688)
+        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
+        store_values(dequantized_ptr + rows[:, None] * K + cols[None, :], values, value_mask, DEQUANTIZED_BF16_BITS,
+                     NATIVE_BF16)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -264,14 +271,17 @@ def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
 
 
 def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, write_codes: bool,
-                values_dtype: torch.dtype | None, scaled_values: bool = False
-                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                values_dtype: torch.dtype | None, scaled_values: bool = False,
+                dequantized_dtype: torch.dtype | None = None
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """One pass of SPEC 1.2 steps 2-9 over x2d [M, K] with the given global amax (float32 [1]).
 
-    Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes`` and the values [M, K] in
-    ``values_dtype`` if it is not None (None for what was not asked): TE's dequantized values, or with
-    ``scaled_values`` the scaled codes e2m1 * s_b (the bytes ``decode_2d(..., scaled_codes=True)`` would produce).
-    ``seed`` (int64 [2]: Philox key and counter; or [1]: the key, counter 0) turns on SR.
+    Returns (codes uint8 [M, KP/2], scale bytes uint8 [M, KP/16]) if ``write_codes``, the values [M, K] in
+    ``values_dtype`` if it is not None: TE's dequantized values, or with ``scaled_values`` the scaled codes e2m1 * s_b
+    (the bytes ``decode_2d(..., scaled_codes=True)`` would produce), and TE's dequantized values in
+    ``dequantized_dtype`` if it is not None (next to the scaled codes: the forward GEMM's operand and the
+    ``dequantized`` backward's from one pass); None for what was not asked. ``seed`` (int64 [2]: Philox key and
+    counter; or [1]: the key, counter 0) turns on SR.
     """
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
@@ -285,19 +295,21 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         scales = torch.empty(m, kp // BLOCK, dtype=torch.uint8, device=device)
     if values_dtype is not None:
         values = torch.empty(m, k, dtype=values_dtype, device=device)
+    dequantized = None if dequantized_dtype is None else torch.empty(m, k, dtype=dequantized_dtype, device=device)
     placeholder = amax  # any tensor: pointers of outputs that are not written are never dereferenced
     out = placeholder if values is None else _storage_view(values)
     grid = (triton.cdiv(m, bm) * triton.cdiv(kp, bk),)
     _quantize_kernel[grid](
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, placeholder if seed is None else seed,
         out, placeholder if codes is None else codes,
-        placeholder if scales is None else scales,
+        placeholder if scales is None else scales, placeholder if dequantized is None else _storage_view(dequantized),
         TILE_ROWS=tile_rows, RHT=rht, STOCHASTIC=seed is not None, WRITE_CODES=write_codes,
-        WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, SIGN_MASK=SIGN_MASK, INV_6=INV_6,
-        INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=values_dtype == torch.bfloat16,
+        WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, WRITE_DEQUANTIZED=dequantized is not None,
+        SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX,
+        OUT_BF16_BITS=values_dtype == torch.bfloat16, DEQUANTIZED_BF16_BITS=dequantized_dtype == torch.bfloat16,
         BM=bm, BK=bk, **launch_options(x2d),
     )
-    return codes, scales, values
+    return codes, scales, values, dequantized
 
 
 def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:

@@ -83,7 +83,7 @@ def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | N
                           owner: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
     amax = _nvfp4_amax(x2d, rht, name, owner)
-    codes, scales, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, None)
+    codes, scales, _, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, None)
     return codes, scales, amax.reshape(())
 
 
@@ -102,7 +102,7 @@ def _nvfp4_fake_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tenso
                                owner: Tensor | None = None) -> Tensor:
     x2d = _as_2d(x)
     amax = _nvfp4_amax(x2d, rht, name, owner)
-    _, _, values = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, False, x.dtype)
+    _, _, values, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, False, x.dtype)
     return values.view(x.shape)
 
 
@@ -118,7 +118,8 @@ def _nvfp4_quantize_scaled_eager(x: Tensor, tile_rows: int, rht: bool, seed: Ten
                                  owner: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
     amax = _nvfp4_amax(x2d, rht, name, owner)
-    codes, scales, values = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, dtype, scaled_values=True)
+    codes, scales, values, _ = nvfp4_kernels.quantize_2d(x2d, amax, tile_rows, rht, seed, True, dtype,
+                                                         scaled_values=True)
     return codes, scales, amax.reshape(()), values
 
 
@@ -131,6 +132,27 @@ def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owne
     rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
     return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
             x.new_empty((), dtype=torch.float32), x.new_empty(rows, x.shape[-1], dtype=dtype))
+
+
+def _nvfp4_quantize_both_eager(x: Tensor, tile_rows: int, name: str, owner: Tensor | None, dtype: torch.dtype,
+                               dequantized_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x2d = _as_2d(x)
+    amax = _nvfp4_amax(x2d, False, name, owner)
+    codes, scales, values, dequantized = nvfp4_kernels.quantize_2d(
+        x2d, amax, tile_rows, False, None, True, dtype, scaled_values=True, dequantized_dtype=dequantized_dtype)
+    return codes, scales, amax.reshape(()), values, dequantized
+
+
+_nvfp4_quantize_both_op = _custom_op("nvfp4_quantize_both", _nvfp4_quantize_both_eager)
+
+
+@_nvfp4_quantize_both_op.register_fake
+def _(x: Tensor, tile_rows: int, name: str, owner: Tensor | None, dtype: torch.dtype, dequantized_dtype: torch.dtype
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
+    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32), x.new_empty(rows, x.shape[-1], dtype=dtype),
+            x.new_empty(rows, x.shape[-1], dtype=dequantized_dtype))
 
 
 def _nvfp4_decode_eager(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype,
@@ -174,6 +196,21 @@ def nvfp4_quantize_scaled(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool 
     q = nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype, tile=tile,
                                     rht=rht, stochastic=stochastic)
     return q, values
+
+
+def nvfp4_quantize_both(x: Tensor, tile: tuple[int, int] = (1, 16), name: str | checks.OwnedName | None = None,
+                        dtype: torch.dtype = torch.bfloat16, dequantized_dtype: torch.dtype = torch.bfloat16
+                        ) -> tuple[nvfp4_reference.NVFP4Tensor, Tensor, Tensor]:
+    """``nvfp4_quantize_scaled`` (round to nearest, no RHT) that also writes TE's dequantized values [M, K] in
+    ``dequantized_dtype`` from the same pass: the forward GEMM's operand and the ``dequantized`` backward's operand
+    at once, so the backward needs no decode pass."""
+    tile = _check_nvfp4(x, tile, False, name)
+    words, owner = checks.split_name(name)
+    codes, scales, amax, values, dequantized = _call(_nvfp4_quantize_both_op, _nvfp4_quantize_both_eager, x.detach(),
+                                                     tile[0], words, owner, dtype, dequantized_dtype)
+    q = nvfp4_reference.NVFP4Tensor(codes=codes, scales=scales, amax=amax, shape=x.shape, dtype=x.dtype, tile=tile,
+                                    rht=False, stochastic=False)
+    return q, values, dequantized
 
 
 def nvfp4_fake_quantize(x: Tensor, tile: tuple[int, int] = (1, 16), rht: bool = False, stochastic: bool = False,

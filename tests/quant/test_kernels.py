@@ -133,6 +133,12 @@ def check_nvfp4(x: torch.Tensor, tile: tuple[int, int], rht_on: bool, kernel_ops
         q_scaled, values = _kernel_ops().nvfp4_quantize_scaled(x, tile=tile, rht=rht_on, dtype=dtype)
         assert_same_nvfp4(q_scaled, ref)
         assert_same_bits(values, nvfp4.scaled_codes(ref, dtype), f"scaled codes from the quantize pass ({dtype})")
+    if not rht_on:  # codes, the GEMM operand and TE's dequantized values from one pass (dequantized backward)
+        q_both, values, dequantized = _kernel_ops().nvfp4_quantize_both(x, tile=tile, dequantized_dtype=out)
+        assert_same_nvfp4(q_both, ref)
+        assert_same_bits(values, nvfp4.scaled_codes(ref, torch.bfloat16), "scaled codes next to dequantized values")
+        assert_same_bits(dequantized.reshape(x.shape), nvfp4.dequantize(ref, dtype=out),
+                         "dequantized values from the quantize pass")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -389,7 +395,7 @@ def test_interp_poisoned_tensor_decodes_to_nan():
     flag = torch.full((1,), 2**63 - 1, dtype=torch.int64)
     amax = nvfp4_kernels.global_amax(x, False, flag, 1234)
     assert float(amax) == float("inf") and int(flag) == 1234
-    codes, scales, values = nvfp4_kernels.quantize_2d(x, amax, 1, False, None, True, torch.float32)
+    codes, scales, values, _ = nvfp4_kernels.quantize_2d(x, amax, 1, False, None, True, torch.float32)
     assert int(scales.min()) == 0x7F and bool(values.isnan().all())
 
 
@@ -464,6 +470,8 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.conv_unfold.default, (x4, [3, 3], [3, 6], *conv[:3]))
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_scaled.default,
                           (x, 16, False, None, "w", owner, torch.bfloat16))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_both.default,
+                          (x, 16, "w", owner, torch.bfloat16, torch.float32))
     a, w = x[:, :32], hard_tensor((24, 32), torch.bfloat16, seed=2)
     torch.library.opcheck(torch.ops.fp4lab.scaled_gemm.default, (a, w.t(), amax_a, amax_b, bias[:24], torch.bfloat16))
 
