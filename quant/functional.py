@@ -701,10 +701,11 @@ class ConvGeometry:
         """(dX, dW) of the backward GEMMs that multiply dense operands (``dequantized``, ``high_precision``), each the
         FP32 contraction rounded once to ``dtype``; None where ``need`` says not needed.
 
-        Fast path with BF16 (FP16) operands: cuDNN in that dtype (``rounded_conv_grads``), whose tensor-core kernels
-        accumulate in FP32 and round once, the way ``quant.gemm.rounded_gemm`` serves linear layers; no FP32 copies
-        of dY, X and W and no FP32 results. Otherwise: float32 contractions, then one rounding."""
-        if gemm.fast_path(dy) and dtype in (torch.bfloat16, torch.float16):
+        Fast path in BF16: cuDNN's BF16 convolutions (``rounded_conv_grads``), whose tensor-core kernels accumulate in
+        FP32 and round once (held to that by ``test_gpu_bf16_conv_grads_are_fp32_sums_rounded_once``), the way
+        ``quant.gemm.rounded_gemm`` serves linear layers; no FP32 copies of dY, X and W and no FP32 results.
+        Otherwise (and for FP16, not tested on cuDNN): float32 contractions, then one rounding."""
+        if gemm.fast_path(dy) and dtype == torch.bfloat16:
             return rounded_conv_grads(self, dy.to(dtype), x.to(dtype), weight.to(dtype), need)
         dy32 = dy.to(torch.float32)
         grad_x = _round(self.input_grad(dy32, weight.to(torch.float32), x.shape), dtype) if need[0] else None
@@ -728,8 +729,8 @@ def _as_gemm(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch
 
 def rounded_conv_grads(geo: ConvGeometry, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool]
                        ) -> tuple[Tensor | None, Tensor | None]:
-    """``ConvGeometry.rounded_grads`` on the fast path: cuDNN convolutions of BF16 (FP16) tensors writing their dtype.
-    CPU tests of the fast path replace this function."""
+    """``ConvGeometry.rounded_grads`` on the fast path: cuDNN convolutions of BF16 tensors writing BF16. CPU tests of
+    the fast path replace this function."""
     ops = kernels.load()
     grad_x = ops.rounded_conv_input_grad(dy, weight, list(x.shape), *geo._args()) if need[0] else None
     grad_w = ops.rounded_conv_weight_grad(dy, x, list(weight.shape), *geo._args()) if need[1] else None

@@ -472,16 +472,16 @@ _rounded_conv_weight_grad_op.register_fake(_conv_weight_grad)
 def rounded_conv_input_grad(dy: Tensor, weight: Tensor, input_shape: list[int], stride: list[int],
                             padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int]
                             ) -> Tensor:
-    """The input gradient of a convolution of two BF16 (or FP16) tensors in their dtype: cuDNN's tensor-core kernels
-    accumulate in FP32 and round once to the output (the conv counterpart of ``rounded_mm``)."""
+    """The input gradient of a convolution of two BF16 tensors in BF16: cuDNN's tensor-core kernels accumulate in FP32
+    and round once to the output (the conv counterpart of ``rounded_mm``)."""
     return _call(_rounded_conv_input_grad_op, _conv_input_grad, dy, weight, input_shape, stride, padding, dilation,
                  transposed, output_padding)
 
 
 def rounded_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
                              dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
-    """The weight gradient of a convolution of two BF16 (or FP16) tensors in their dtype (FP32 accumulation, one
-    rounding; see ``rounded_conv_input_grad``)."""
+    """The weight gradient of a convolution of two BF16 tensors in BF16 (FP32 accumulation, one rounding; see
+    ``rounded_conv_input_grad``)."""
     return _call(_rounded_conv_weight_grad_op, _conv_weight_grad, dy, x, weight_shape, stride, padding, dilation,
                  transposed, output_padding)
 
