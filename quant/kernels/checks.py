@@ -52,8 +52,7 @@ def register_owner(name: str) -> Tensor:
     return torch.tensor([handle], dtype=torch.int64)
 
 
-_sibling_handles: dict[str, Tensor] = {}  # parent module name -> the handle its quantized layers share
-_siblings: dict[int, list[str]] = {}  # that handle -> the layers' own names (the last component)
+_siblings: dict[str, tuple[Tensor, list[str]]] = {}  # parent module -> (shared handle, the layers' last name parts)
 
 
 def register_sibling(name: str) -> Tensor:
@@ -65,11 +64,9 @@ def register_sibling(name: str) -> Tensor:
     when their arguments are equal, as ``quant.shared_operands`` shares them in eager mode; a per-layer handle is an
     argument that differs and would keep three copies. The error then names the sibling group."""
     parent, _, leaf = name.rpartition(".")
-    handle = _sibling_handles.get(parent)
-    if handle is None:
-        handle = _sibling_handles[parent] = register_owner(name)
-        _siblings[int(handle)] = []
-    members = _siblings[int(handle)]
+    if parent not in _siblings:
+        _siblings[parent] = (register_owner(name), [])
+    handle, members = _siblings[parent]
     if leaf not in members:
         members.append(leaf)
     if len(members) > 1:

@@ -79,6 +79,18 @@ def _nvfp4_amax(x2d: Tensor, rht: bool, name: str, owner: Tensor | None) -> Tens
     return amax
 
 
+def _fake_nvfp4(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake (meta) packed codes [M, KP/2], scale bytes [M, KP/16] and amax [] of an NVFP4 quantization of x [..., K]."""
+    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
+    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
+            x.new_empty((), dtype=torch.float32))
+
+
+def _fake_values(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Fake values [M, K] in ``dtype`` of x [..., K] as a 2-D operand."""
+    return x.new_empty(x.numel() // x.shape[-1], x.shape[-1], dtype=dtype)
+
+
 def _nvfp4_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str,
                           owner: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
@@ -93,9 +105,7 @@ _nvfp4_quantize_op = _custom_op("nvfp4_quantize", _nvfp4_quantize_eager)
 @_nvfp4_quantize_op.register_fake
 def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owner: Tensor | None = None
       ) -> tuple[Tensor, Tensor, Tensor]:
-    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
-    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
-            x.new_empty((), dtype=torch.float32))
+    return _fake_nvfp4(x)
 
 
 def _nvfp4_fake_quantize_eager(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str,
@@ -129,9 +139,7 @@ _nvfp4_quantize_scaled_op = _custom_op("nvfp4_quantize_scaled", _nvfp4_quantize_
 @_nvfp4_quantize_scaled_op.register_fake
 def _(x: Tensor, tile_rows: int, rht: bool, seed: Tensor | None, name: str, owner: Tensor | None,
       dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
-    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
-            x.new_empty((), dtype=torch.float32), x.new_empty(rows, x.shape[-1], dtype=dtype))
+    return (*_fake_nvfp4(x), _fake_values(x, dtype))
 
 
 def _nvfp4_quantize_both_eager(x: Tensor, tile_rows: int, name: str, owner: Tensor | None, dtype: torch.dtype,
@@ -149,10 +157,7 @@ _nvfp4_quantize_both_op = _custom_op("nvfp4_quantize_both", _nvfp4_quantize_both
 @_nvfp4_quantize_both_op.register_fake
 def _(x: Tensor, tile_rows: int, name: str, owner: Tensor | None, dtype: torch.dtype, dequantized_dtype: torch.dtype
       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    rows, cols = x.numel() // x.shape[-1], -(-x.shape[-1] // nvfp4_reference.BLOCK) * nvfp4_reference.BLOCK
-    return (x.new_empty(rows, cols // 2, dtype=torch.uint8), x.new_empty(rows, cols // 16, dtype=torch.uint8),
-            x.new_empty((), dtype=torch.float32), x.new_empty(rows, x.shape[-1], dtype=dtype),
-            x.new_empty(rows, x.shape[-1], dtype=dequantized_dtype))
+    return (*_fake_nvfp4(x), _fake_values(x, dtype), _fake_values(x, dequantized_dtype))
 
 
 def _nvfp4_decode_eager(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype,

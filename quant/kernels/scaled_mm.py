@@ -4,9 +4,9 @@ Why: the emulated NVFP4 GEMM (``quant.gemm``) multiplies BF16 scaled codes with 
 TE's alpha to the FP32 accumulator before the one rounding to BF16. cuBLAS through PyTorch takes alpha only as a host
 number, so the GEMM used to write its accumulator as an FP32 tensor (``torch.mm(..., out_dtype=float32)``) and the
 epilogue ran as a second pass (``quant.kernels.epilogue``): per output element a 4-byte write and a 4-byte read that
-a BF16 GEMM does not have (on an H200, 1.25x to 1.66x the BF16 GEMM's time for the decoder's shapes). Here the
-epilogue runs on the accumulator while it is still in registers and the GEMM writes the output dtype (1.12x to
-1.19x; ``bench/gemm_epilogue.py``).
+a BF16 GEMM does not have (on an H200, 1.26x to 1.66x the BF16 GEMM's time for the decoder's shapes). Here the
+epilogue runs on the accumulator while it is still in registers and the GEMM writes the output dtype (1.10x to
+1.17x; ``bench/gemm_epilogue.py``).
 
 The arithmetic is the epilogue kernel's, operation by operation: alpha from the two amaxes (``nvfp4.gemm_alpha``),
 ``acc * alpha`` and ``+ bias`` as two separate IEEE float32 operations (``enable_fp_fusion=False``; the tensor-core
