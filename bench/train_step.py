@@ -136,12 +136,15 @@ def workloads(quick: bool) -> dict[str, Workload]:
     }
 
 
-def build(work: Workload, mode: str, device: torch.device
+def build(work: Workload, mode: str, device: torch.device, channels_last: bool = False
           ) -> tuple[nn.Module, tuple[str, ...] | None, tuple[str, ...]]:
     """The model on ``device``, quantized for ``mode``; the names of its quantized layers (None for BF16); its block
-    names (found before the swap: ``quant.find_blocks`` auto-detects blocks by their plain nn GEMM layers)."""
+    names (found before the swap: ``quant.find_blocks`` auto-detects blocks by their plain nn GEMM layers).
+    ``channels_last``: 4-D weights in channels-last memory order (``--channels-last``)."""
     torch.manual_seed(0)
     model = build_model(work.config, work.info).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     blocks = quant.find_blocks(model)
     if mode == "bf16":
         return model, None, blocks
@@ -167,11 +170,14 @@ def compile_blocks(model: nn.Module, blocks: tuple[str, ...], backend: str) -> i
     return len(blocks)
 
 
-def make_step(model: nn.Module, work: Workload, device: torch.device, for_graph: bool = False
-              ) -> Callable[[], Tensor]:
+def make_step(model: nn.Module, work: Workload, device: torch.device, for_graph: bool = False,
+              channels_last: bool = False) -> Callable[[], Tensor]:
     """One training step on a fixed batch. ``for_graph``: written to be captured in a CUDA graph (AdamW keeps its
-    step counts on the device, autocast caches no weight casts across the capture)."""
+    step counts on the device, autocast caches no weight casts across the capture). ``channels_last``: image batches
+    in channels-last memory order."""
     inputs, target = work.batch(device)
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=for_graph)
 
     def step() -> Tensor:
@@ -227,13 +233,13 @@ def time_config(work: Workload, mode: str, setting: str, args: argparse.Namespac
     compiled, graph = setting.startswith("blocks"), setting.endswith("graph")
     if graph and device.type != "cuda":
         raise RuntimeError(f"--compile {setting} captures CUDA graphs: it needs a CUDA device")
-    model, quantized, blocks = build(work, mode, device)
+    model, quantized, blocks = build(work, mode, device, args.channels_last)
     row: dict[str, object] = {"model": work.name, "mode": mode, "compile": setting,
                               "quantized_layers": None if quantized is None else len(quantized)}
     prime_sr_states(model, device)
     if compiled:
         row["compiled_blocks"] = compile_blocks(model, blocks, args.compile_backend)
-    step = make_step(model, work, device, for_graph=graph)
+    step = make_step(model, work, device, for_graph=graph, channels_last=args.channels_last)
     dynamo_counters.clear()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = mode.endswith(TF32_SUFFIX)
@@ -454,6 +460,8 @@ def main() -> None:
     parser.add_argument("--check-graph-breaks", nargs="?", const="all", default="",
                         help="torch._dynamo.explain of the first quantized block, for these models (default: all)")
     parser.add_argument("--profile", default="", help="comma list of model:mode, e.g. decoder:nvfp4-full")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolution models (weights and image batch) in channels-last memory order, every mode")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run: small models, 2 steps")
     args = parser.parse_args()

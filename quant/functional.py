@@ -72,6 +72,7 @@ _SLOT_WORDS = {
     "wgrad_grad": "output gradient (wgrad)",
     "wgrad_input": "input (wgrad)",
 }
+_WGRAD_SLOT = {"fprop_input": "wgrad_input", "dgrad_grad": "wgrad_grad"}  # the slot of the same tensor transposed
 _KEY_MASK = (1 << 63) - 1  # Philox keys are non-negative int64
 _PHILOX_TAG = 0x6670346C61625352  # first word of a Philox SR state in ``sr_state`` ("fp4labSR")
 
@@ -298,18 +299,40 @@ class LayerQuantizer:
         with ``dequantized_dtype`` TE's dequantized values too (``keeps_dequantized``)."""
         if layer_formats.SLOT_ROLE[slot] not in self.roles:
             return x.to(compute_dtype)
+        request = self._request(slot, x, rht, seed, scaled_dtype, dequantized_dtype)
+        return self.format_of(layer_formats.SLOT_ROLE[slot]).quantize(x, request, self.recipe, compute_dtype)
+
+    def _request(self, slot: str, x: Tensor, rht: bool, seed: Tensor | None, scaled_dtype: torch.dtype | None,
+                 dequantized_dtype: torch.dtype | None) -> SlotRequest:
         role = layer_formats.SLOT_ROLE[slot]
-        fmt = self.format_of(role)
-        draws = role == "grad" and seed is None and fmt.uses_sr(self.recipe)
+        draws = role == "grad" and seed is None and self.format_of(role).uses_sr(self.recipe)
         generator = self.generator(x.device) if draws else None
         amax_reduce = None if role == "weight" else self.amax_reduction.reducer()  # weights agree across ranks
         # compiled input operands carry the sibling handle, so the graph's identical quantizations of one input
         # (q/k/v) merge (``checks.register_sibling``); eager code shares them itself (``quant.shared_operands``)
         owner = self._sibling_owner if role == "input" and torch.compiler.is_compiling() else self._owner
-        request = SlotRequest(slot=slot, name=checks.OwnedName(owner, _SLOT_WORDS[slot]), rht=rht,
-                              generator=generator, amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype,
-                              dequantized_dtype=dequantized_dtype)
-        return fmt.quantize(x, request, self.recipe, compute_dtype)
+        return SlotRequest(slot=slot, name=checks.OwnedName(owner, _SLOT_WORDS[slot]), rht=rht, generator=generator,
+                           amax_reduce=amax_reduce, seed=seed, scaled_dtype=scaled_dtype,
+                           dequantized_dtype=dequantized_dtype)
+
+    def operand_pair(self, slot: str, x: Tensor, compute_dtype: torch.dtype,
+                     seeds: tuple[Tensor | None, Tensor | None] = (None, None)) -> tuple[Operand, Operand] | None:
+        """The operands of ``slot`` (x [M, K], blocked along K) and of its wgrad slot (x^T [K, M], RHT'ed and blocked
+        along the tokens M) from one quantize pass, where the format has one (``LayerFormat.quantize_pair``: NVFP4
+        on the kernel path, TE's default recipe); None otherwise, and the caller quantizes each with ``operand``.
+        ``slot``: "fprop_input" (X) or "dgrad_grad" (dY); ``seeds``: the two operands' SR Philox counters.
+
+        Both operands are GEMM-only scaled codes (``gemm.ScaledCodes``), so every GEMM they enter must multiply two
+        operands of this format: all three roles quantized alike."""
+        slot_t = _WGRAD_SLOT[slot]
+        role = layer_formats.SLOT_ROLE[slot]
+        gemm_dtypes = [self.gemm_operand_dtype(a, b, torch.bfloat16)
+                       for a, b in (("input", "weight"), ("grad", "weight"), ("grad", "input"))]
+        if not (self.wgrad_rht and all(gemm_dtypes) and compute_dtype == torch.bfloat16 and x.dim() == 2):
+            return None
+        request = self._request(slot, x, False, seeds[0], torch.bfloat16, None)
+        request_t = self._request(slot_t, x, True, seeds[1], torch.bfloat16, None)
+        return self.format_of(role).quantize_pair(x, request, request_t, self.recipe)
 
     def keeps_dequantized(self, track: bool, dtype: torch.dtype) -> torch.dtype | None:
         """The dtype in which the forward's quantize pass also writes TE's dequantized X and W, or None: ``dtype``
@@ -420,23 +443,28 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor, dtype: torch.dtype, seed: Tensor | None,
-                input_source: Tensor | None = None) -> tuple[Operand, Operand]:
+def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor | None, dtype: torch.dtype, seed: Tensor | None,
+                input_source: Tensor | None = None, paired: tuple[Operand | None, Operand | None] = (None, None)
+                ) -> tuple[Operand, Operand]:
     """Quantized wgrad operands dY^T [rows_a, T] and X^T [rows_b, T], blocked (and RHT'ed) along tokens T.
 
     ``input_source``: the saved tensor X^T is a view of, when it is one (linear layers); layers that saved the same X
-    then share one X^T operand (``quant.shared_operands``)."""
+    then share one X^T operand (``quant.shared_operands``). ``paired``: (dY^T, X^T) operands already made by a paired
+    quantize pass (``LayerQuantizer.operand_pair``), used instead of quantizing ``grad_t`` / ``input_t``."""
     rht = q.wgrad_rht
-    if rht:
-        grad_t = _pad_tokens(grad_t)
     scaled = q.gemm_operand_dtype("grad", "input", torch.bfloat16)
+    grad_operand, input_operand = paired
 
-    def input_operand() -> Operand:
+    def make_input() -> Operand:
         return q.operand("wgrad_input", _pad_tokens(input_t) if rht else input_t, dtype, rht=rht, scaled_dtype=scaled)
 
-    key = None if input_source is None else _share_key(q, "wgrad_input", "input", dtype, scaled, rht)
-    return (q.operand("wgrad_grad", grad_t, dtype, rht=rht, seed=seed, scaled_dtype=scaled),
-            input_operand() if key is None else _BACKWARD_SHARE.get(input_source, key, input_operand))
+    if grad_operand is None:
+        grad_operand = q.operand("wgrad_grad", _pad_tokens(grad_t) if rht else grad_t, dtype, rht=rht, seed=seed,
+                                 scaled_dtype=scaled)
+    if input_operand is None:
+        key = None if input_source is None else _share_key(q, "wgrad_input", "input", dtype, scaled, rht)
+        input_operand = make_input() if key is None else _BACKWARD_SHARE.get(input_source, key, make_input)
+    return grad_operand, input_operand
 
 
 # Operands shared by layers that read the same tensor (q/k/v, gate/up): one per key, see quant.shared_operands.
@@ -453,8 +481,10 @@ def _share_key(q: LayerQuantizer, slot: str, role: str, *settings: object) -> tu
 
 
 def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch.dtype | None,
-                 keep: torch.dtype | None) -> tuple[Tensor, Operand]:
-    """X as [M, K] in the compute dtype and its forward operand; shared with the layers that read the same x.
+                 keep: torch.dtype | None, pair: bool) -> tuple[Tensor, Operand, Operand | None]:
+    """X as [M, K] in the compute dtype, its forward operand and, with ``pair`` (a ``full`` step that needs dW), X^T's
+    wgrad operand from the same quantize pass where there is one (``LayerQuantizer.operand_pair``; else None); shared
+    with the layers that read the same x.
 
     A shared X is detached (same storage and version counter): a reshaped view would hold x, and through x's
     ``grad_fn`` the step's whole autograd graph, in the share entry after the step. PyTorch then hands that graph's
@@ -462,13 +492,16 @@ def _fprop_input(q: LayerQuantizer, x: Tensor, dtype: torch.dtype, scaled: torch
     default stream that breaks a CUDA-graph capture on another stream (seen on an H200). Unshared (and under
     torch.compile, where nothing is shared) X stays a view: Dynamo rejects a detached alias of an input made inside a
     higher-order op (autocast) and used outside it."""
-    def make(detached: bool) -> tuple[Tensor, Operand]:
+    def make(detached: bool) -> tuple[Tensor, Operand, Operand | None]:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if detached:
             x2 = x2.detach()
-        return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled, dequantized_dtype=keep)
+        operands = q.operand_pair("fprop_input", x2, dtype) if pair else None
+        if operands is not None:
+            return x2, *operands
+        return x2, q.operand("fprop_input", x2, dtype, scaled_dtype=scaled, dequantized_dtype=keep), None
 
-    key = _share_key(q, "fprop_input", "input", dtype, scaled, keep)
+    key = _share_key(q, "fprop_input", "input", dtype, scaled, keep, pair)
     return make(False) if key is None else _FORWARD_SHARE.get(x, key, lambda: make(True))
 
 
@@ -498,13 +531,17 @@ def _seed(seeds: Tensor | None, gemm_index: int) -> Tensor | None:
 
 
 def _save(ctx, *items: Operand | Tensor | None) -> None:
-    """save_for_backward that also takes NVFP4 operands (codes, scales and amax saved; the rest kept on ctx)."""
+    """save_for_backward that also takes NVFP4 operands (codes, scales and amax saved; the rest kept on ctx) and
+    ``gemm.ScaledCodes`` (values and amax)."""
     tensors, layouts = [], []
     for item in items:
         item = gemm.packed(item)
         if isinstance(item, nvfp4.NVFP4Tensor):
             tensors += [item.codes, item.scales, item.amax]
             layouts.append((item.shape, item.dtype, item.tile, item.rht, item.stochastic))
+        elif isinstance(item, gemm.ScaledCodes):
+            tensors += [item.values, item.amax]
+            layouts.append(gemm.ScaledCodes)
         else:
             tensors.append(item)
             layouts.append(None)
@@ -518,6 +555,9 @@ def _saved(ctx) -> list[Operand | Tensor | None]:
         if layout is None:
             items.append(tensors[i])
             i += 1
+        elif layout is gemm.ScaledCodes:
+            items.append(gemm.ScaledCodes(tensors[i], tensors[i + 1]))
+            i += 2
         else:
             items.append(nvfp4.NVFP4Tensor(tensors[i], tensors[i + 1], tensors[i + 2], *layout))
             i += 3
@@ -558,13 +598,14 @@ class _QuantLinearFunction(torch.autograd.Function):
         with _autocast_off(x):
             scaled = q.gemm_operand_dtype("input", "weight", torch.bfloat16)
             keep = q.keeps_dequantized(track, dtype)
-            x2, xq = _fprop_input(q, x, dtype, scaled, keep)  # [M, K]
+            pair = track and q.backward == "full" and weight.requires_grad
+            x2, xq, xtq = _fprop_input(q, x, dtype, scaled, keep, pair)  # [M, K]; X^T's wgrad operand or None
             wq = q.operand("fprop_weight", weight, dtype, scaled_dtype=scaled, dequantized_dtype=keep)  # [N, K]
             y = gemm.mm(xq, wq, dtype, None if bias is None else bias.to(dtype))  # [M, N]
         if not track:
             _save(ctx)
         elif q.backward == "full":
-            _save(ctx, x2, q.kept_for_dgrad(wq, weight), seeds)
+            _save(ctx, x2 if xtq is None else xtq, q.kept_for_dgrad(wq, weight), seeds)
         elif q.backward == "dequantized":
             _save(ctx, _kept_values(xq) if "input" in q.roles else x2, _kept_values(wq) if "weight" in q.roles
                   else weight)
@@ -582,14 +623,21 @@ class _QuantLinearFunction(torch.autograd.Function):
         with _autocast_off(grad_out):
             dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # [M, N]
             if q.backward == "full":
-                saved_x, kept_w, seeds = _saved(ctx)  # [M, K]; quantized W [N, K] or the weight
+                # X [M, K] or its paired wgrad operand X^T (gemm.ScaledCodes [K, M]); quantized W [N, K] or the weight
+                saved_x, kept_w, seeds = _saved(ctx)
+                paired = q.operand_pair("dgrad_grad", dy, dtype, (_seed(seeds, 0), _seed(seeds, 1))) \
+                    if need_x and need_w else None
+                dy_q, dy_t = (None, None) if paired is None else paired  # dY [M, N] and dY^T [N, M] from one pass
                 if need_x:
                     scaled = q.gemm_operand_dtype("grad", "weight", torch.bfloat16)
-                    a = q.operand("dgrad_grad", dy, dtype, seed=_seed(seeds, 0), scaled_dtype=scaled)
+                    a = dy_q if dy_q is not None else q.operand("dgrad_grad", dy, dtype, seed=_seed(seeds, 0),
+                                                                 scaled_dtype=scaled)
                     b = q.dgrad_weight(kept_w, _same, torch.t, dtype, scaled)  # [K, N]
                     grad_x = gemm.mm(a, b, dtype)  # [M, K]
                 if need_w:
-                    a, b = _wgrad_pair(q, dy.t(), saved_x.t(), dtype, _seed(seeds, 1), input_source=saved_x)
+                    x_t = saved_x if isinstance(saved_x, gemm.ScaledCodes) else None
+                    a, b = _wgrad_pair(q, dy.t(), None if x_t is not None else saved_x.t(), dtype, _seed(seeds, 1),
+                                       input_source=None if x_t is not None else saved_x, paired=(dy_t, x_t))
                     grad_w = gemm.mm(a, b, dtype)  # [N, K] from [N, M], [K, M]
             else:
                 saved_x, saved_w = _saved(ctx)

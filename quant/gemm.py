@@ -5,8 +5,9 @@ arithmetic, so the rule "when is the result exactly TE's" lives once, here.
 
 An operand is an ``nvfp4.NVFP4Tensor`` (codes + E4M3 block scales + FP32 amax), a ``Relaid`` NVFP4 tensor (the same
 codes used in another GEMM's layout, e.g. the forward's 16x16-tiled W as the dgrad operand W^T), a ``Prescaled`` NVFP4
-tensor (with its scaled codes already written by the quantize kernel), or an ordinary tensor (high precision, or
-fake-quantized values of another format). The arithmetic, for every device:
+tensor (with its scaled codes already written by the quantize kernel), ``ScaledCodes`` (scaled codes and amax only,
+from the paired quantize pass of the ``full`` step), or an ordinary tensor (high precision, or fake-quantized values
+of another format). The arithmetic, for every device:
 
 * both NVFP4: the operands are the *scaled codes* ``e2m1(q) * s_b`` (at most 6 significant bits, exact in BF16 and
   FP32), their products are exact (at most 12 bits), the contraction accumulates in FP32 as cuBLASLt does, and the
@@ -83,7 +84,18 @@ class Prescaled:
         return self.source.amax
 
 
-Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid, Prescaled]
+@dataclass(frozen=True, eq=False)
+class ScaledCodes:
+    """An NVFP4 operand held only as its GEMM form: scaled codes ``e2m1 * s_b`` [rows, cols] and the global amax,
+    written by the paired rowwise + columnwise quantize pass of the ``full`` step (``quant.kernels.ops
+    .nvfp4_quantize_pair``), which writes no packed codes. Only an NVFP4 x NVFP4 GEMM takes it: TE's dequantized
+    values are not recoverable bit for bit from the scaled codes (``dense`` refuses)."""
+
+    values: Tensor  # [rows, cols] BF16 scaled codes
+    amax: Tensor  # float32 scalar
+
+
+Operand = Union[Tensor, nvfp4.NVFP4Tensor, Relaid, Prescaled, ScaledCodes]
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +112,7 @@ class Alpha:
 
 
 def is_nvfp4(operand: Operand) -> bool:
-    return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid, Prescaled))
+    return isinstance(operand, (nvfp4.NVFP4Tensor, Relaid, Prescaled, ScaledCodes))
 
 
 def packed(operand: Operand) -> Operand:
@@ -114,14 +126,16 @@ def fast_path(t: Tensor) -> bool:
 
 
 def _device_tensor(operand: Operand) -> Tensor:
+    if isinstance(operand, ScaledCodes):
+        return operand.values
     if isinstance(operand, (Relaid, Prescaled)):
         return _device_tensor(operand.source)
     return operand.codes if isinstance(operand, nvfp4.NVFP4Tensor) else operand
 
 
-def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid | Prescaled, dtype: torch.dtype, materialize: bool
-                  ) -> Tensor:
-    if isinstance(operand, Prescaled):
+def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid | Prescaled | ScaledCodes, dtype: torch.dtype,
+                  materialize: bool) -> Tensor:
+    if isinstance(operand, (Prescaled, ScaledCodes)):
         return operand.values if operand.values.dtype == dtype else operand.values.to(dtype)  # exact in both
     if isinstance(operand, nvfp4.NVFP4Tensor):
         return nvfp4.scaled_codes(operand, dtype)
@@ -155,6 +169,8 @@ def dense(operand: Operand, compute_dtype: torch.dtype) -> Tensor:
         if operand.dequantized is not None and operand.dequantized.dtype == compute_dtype:
             return operand.dequantized
         return dense(operand.source, compute_dtype)
+    if isinstance(operand, ScaledCodes):
+        raise TypeError("a ScaledCodes operand has no TE-dequantized values; it only enters NVFP4 x NVFP4 GEMMs")
     if isinstance(operand, nvfp4.NVFP4Tensor):
         values = nvfp4.dequantize(operand, dtype=compute_dtype)
         return values if values.dim() == 2 else values.reshape(-1, operand.shape[-1])

@@ -112,6 +112,12 @@ class LayerFormat:
         """x: the 2-D operand of ``request.slot`` (reduction dim last) -> quantized operand of the same shape."""
         raise NotImplementedError
 
+    def quantize_pair(self, x: Tensor, request: SlotRequest, request_t: SlotRequest, recipe: Recipe
+                      ) -> tuple[Operand, Operand] | None:
+        """The operands of ``request``'s slot (x [M, K]) and ``request_t``'s (x^T [K, M]) from one pass over x, or
+        None where this format has no such pass (the caller then quantizes each with ``quantize``)."""
+        return None
+
     def describe(self, role: str, recipe: Recipe, wgrad_rht: bool) -> str:
         """One short phrase for the report, e.g. ``"nvfp4 16x16 RN"``."""
         raise NotImplementedError
@@ -168,6 +174,28 @@ class NVFP4Layer(LayerFormat):
             x, tile=tile, rht=request.rht, stochastic=stochastic, generator=request.generator, name=request.name,
             amax_reduce=request.amax_reduce,
         )
+
+    def quantize_pair(self, x: Tensor, request: SlotRequest, request_t: SlotRequest, recipe: Recipe
+                      ) -> tuple[Operand, Operand] | None:
+        """X and X^T (or dY and dY^T) of a ``full`` step as ``gemm.ScaledCodes`` from one amax read and one quantize
+        read (``kernels.ops.nvfp4_quantize_pair``): 1x16 blocks, x^T RHT'ed, the bytes of two ``quantize`` calls.
+        Only on the kernel path, for BF16 x with rows in 16-token chunks, GEMM operands in BF16, no amax reduction,
+        and SR (grads) drawn from Philox seeds; None otherwise."""
+        role = SLOT_ROLE[request.slot]
+        stochastic = role == "grad" and recipe.stochastic_rounding
+        seeds = (request.seed, request_t.seed)
+        eligible = (kernels.enabled_for(x) and role != "weight" and request_t.rht and not request.rht
+                    and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] % nvfp4.BLOCK == 0
+                    and request.scaled_dtype == request_t.scaled_dtype == torch.bfloat16
+                    and request.dequantized_dtype is None and request_t.dequantized_dtype is None
+                    and request.amax_reduce is None and request_t.amax_reduce is None
+                    and (not stochastic or all(seed is not None for seed in seeds)))
+        if not eligible:
+            return None
+        (amax, values), (amax_t, values_t) = kernels.load().nvfp4_quantize_pair(
+            x, stochastic=stochastic, seeds=torch.stack(seeds) if stochastic else None, name=request.name,
+            name_t=request_t.name, dtype=torch.bfloat16)
+        return gemm.ScaledCodes(values, amax), gemm.ScaledCodes(values_t, amax_t)
 
     def rht_applies(self, recipe: Recipe) -> bool:
         return recipe.rht

@@ -56,6 +56,7 @@ class LaunchConfig:
     elements: int = 4096  # target BM * BK per program
     max_bk: int = 128  # widest tile along the blocked dim (a power of two >= 32)
     num_warps: int = 4
+    pair_tile: int = 64  # widest tile of the rowwise + columnwise pair kernels along either dim (power of two >= 16)
 
 
 _config = LaunchConfig()
@@ -133,14 +134,28 @@ def _quantize_kernel(
     FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, DEQUANTIZED_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
-    NB: tl.constexpr = BK // 16
     pid_m, pid_k = tile_index(KP, BK, True)  # backwards: the amax pass just read the last tiles
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
     if RHT:
         x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
     else:
         x = x.to(tl.float32)  # [BM, BK]
+    _quantize_tile(x, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
+                   TILE_ROWS, STOCHASTIC, WRITE_CODES, WRITE_VALUES, SCALED_VALUES, WRITE_DEQUANTIZED, INV_6, INV_2688,
+                   E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS, DEQUANTIZED_BF16_BITS, NATIVE_BF16, BM, BK)
 
+
+@triton.jit
+def _quantize_tile(
+    x, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
+    TILE_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr,
+    SCALED_VALUES: tl.constexpr, WRITE_DEQUANTIZED: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr,
+    E2M1_X_E4M3: tl.constexpr, FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+    DEQUANTIZED_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """SPEC 1.2 steps 2-9 on the float32 tile x [BM, BK] at tile (pid_m, pid_k) of an [M, K] operand blocked along K
+    (KP = K rounded up to 16), and its stores (the outputs as in ``_quantize_kernel``)."""
+    NB: tl.constexpr = BK // 16
     # SPEC 1.2 steps 2-4 (per program; a handful of scalar operations)
     amax = tl.load(amax_ptr)
     poisoned = (amax != amax) | (amax > FLT_MAX)
@@ -202,6 +217,49 @@ def _quantize_kernel(
         values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
         store_values(dequantized_ptr + rows[:, None] * K + cols[None, :], values, value_mask, DEQUANTIZED_BF16_BITS,
                      NATIVE_BF16)
+
+
+@triton.jit(do_not_specialize=["M", "ticket", "ticket_t"])
+def _amax_pair_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, amax_t_ptr, flag_ptr, ticket, ticket_t,
+                      FLT_MAX: tl.constexpr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    """The amaxes of ``_quantize_pair_kernel``'s two operands from one read of x [M, K]: max |x| and max |RHT(x^T)|
+    (the RHT along M), each with its own ticket (``_amax_kernel``)."""
+    pid_m, pid_k = tile_index(K, BK, False)
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+    a = x.to(tl.float32)
+    a = tl.where(a != a, float("inf"), tl.abs(a))
+    tile_max = tl.max(tl.max(a, axis=1), axis=0)
+    tl.atomic_max(amax_ptr, tile_max)
+    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)
+    rotated = rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16)  # [BK, BM]
+    rotated = tl.where(rotated != rotated, float("inf"), tl.abs(rotated))
+    tile_max_t = tl.max(tl.max(rotated, axis=1), axis=0)
+    tl.atomic_max(amax_t_ptr, tile_max_t)
+    tl.atomic_min(flag_ptr, ticket_t.to(tl.int64), mask=tile_max_t > FLT_MAX)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_pair_kernel(
+    x_ptr, stride_m, stride_k, M, K, KP,  # input [M, K] (any strides), M % 16 == 0; KP = K rounded up to 16
+    amax_ptr, seed_ptr, out_ptr,  # rowwise operand: amax, SR (key, counter), scaled codes [M, K]
+    amax_t_ptr, seed_t_ptr, out_t_ptr,  # columnwise operand of x^T [K, M], RHT'ed along M: the same three
+    STOCHASTIC: tl.constexpr, SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr,
+    E2M1_X_E4M3: tl.constexpr, FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """x's two NVFP4 operands of a ``full`` training step from one read: x 1x16-blocked along K (the forward's X, the
+    dgrad's dY) and RHT(x^T) 1x16-blocked along M (the wgrad's X^T and dY^T), each written as its scaled codes in the
+    ``_quantize_kernel`` tile chain, so each equals that kernel's output bit for bit (SR: the same Philox bits)."""
+    pid_m, pid_k = tile_index(KP, BK, True)
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+    _quantize_tile(x.to(tl.float32), pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
+                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS,
+                   False, NATIVE_BF16, BM, BK)
+    rotated = rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16)  # [BK, BM]: x^T's tile, RHT'ed along M
+    _quantize_tile(rotated, pid_k, pid_m, K, M, M, amax_t_ptr, seed_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr,
+                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS,
+                   False, NATIVE_BF16, BK, BM)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -310,6 +368,40 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         BM=bm, BK=bk, **launch_options(x2d),
     )
     return codes, scales, values, dequantized
+
+
+def quantize_pair_2d(x2d: Tensor, flag: Tensor, tickets: tuple[int, int], seeds: tuple[Tensor, Tensor] | None,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x2d [M, K] (BF16, M % 16 == 0) -> (amax, scaled codes [M, K]) of x blocked 1x16 along K and (amax, scaled
+    codes [K, M]) of RHT(x^T) blocked 1x16 along M, from one amax read and one quantize read of x
+    (``_quantize_pair_kernel``). ``tickets``: the NaN-check tickets of the two operands; ``seeds``: their SR Philox
+    (key, counter) int64 [2] each, or None (round to nearest)."""
+    m, k = x2d.shape
+    kp = triton.cdiv(k, BLOCK) * BLOCK
+    bm, bk = pair_tile_shape(m, kp)
+    device = x2d.device
+    amax = torch.zeros(1, dtype=torch.float32, device=device)
+    amax_t = torch.zeros(1, dtype=torch.float32, device=device)
+    options = launch_options(x2d)
+    _amax_pair_kernel[(triton.cdiv(m, bm) * triton.cdiv(k, bk),)](
+        x2d, x2d.stride(0), x2d.stride(1), m, k, amax, amax_t, flag, tickets[0], tickets[1], FLT_MAX=FLT_MAX,
+        SIGN_MASK=SIGN_MASK, BM=bm, BK=bk, **options)
+    values = torch.empty(m, k, dtype=dtype, device=device)
+    values_t = torch.empty(k, m, dtype=dtype, device=device)
+    seed, seed_t = (amax, amax) if seeds is None else seeds  # placeholders are never read without SR
+    _quantize_pair_kernel[(triton.cdiv(m, bm) * triton.cdiv(kp, bk),)](
+        x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, seed, _storage_view(values), amax_t, seed_t,
+        _storage_view(values_t), STOCHASTIC=seeds is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
+        E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **options)
+    return amax, values, amax_t, values_t
+
+
+def pair_tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
+    """Program tile of the pair kernels: square-ish (``pair_tile`` wide along both dims, less for small tensors),
+    since each tile is read along one dim and written along both."""
+    bk = min(_config.pair_tile, triton.next_power_of_2(padded_cols))
+    bm = max(16, min(_config.elements // bk, _config.pair_tile, triton.next_power_of_2(rows)))
+    return bm, bk
 
 
 def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:

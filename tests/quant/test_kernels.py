@@ -141,6 +141,29 @@ def check_nvfp4(x: torch.Tensor, tile: tuple[int, int], rht_on: bool, kernel_ops
                          "dequantized values from the quantize pass")
 
 
+def check_nvfp4_pair(x: torch.Tensor, kernel_ops, reference: bool = True) -> None:
+    """The paired pass (X and RHT(X^T) from one read) == two ``nvfp4_quantize_scaled`` calls, bit for bit: amaxes and
+    scaled codes, with round to nearest (and, with ``reference``, == the reference on the CPU copy: on a GPU only for
+    data whose RHT sums are exact, ``test_gpu_rht_matches_cpu_reference``) and with SR (the same Philox bits for the
+    same seeds)."""
+    for stochastic in (False, True):
+        seeds = torch.tensor([[11, 3], [2**40 + 5, 7]], dtype=torch.int64, device=x.device) if stochastic else None
+        (amax, values), (amax_t, values_t) = kernel_ops.nvfp4_quantize_pair(x, stochastic=stochastic, seeds=seeds)
+        q, expected = kernel_ops.nvfp4_quantize_scaled(x, stochastic=stochastic, seed=seeds[0] if stochastic else None)
+        q_t, expected_t = kernel_ops.nvfp4_quantize_scaled(x.t(), rht=True, stochastic=stochastic,
+                                                           seed=seeds[1] if stochastic else None)
+        what = "SR" if stochastic else "RN"
+        assert_same_bits(amax, q.amax, f"rowwise amax ({what})")
+        assert_same_bits(amax_t, q_t.amax, f"columnwise RHT amax ({what})")
+        assert_same_bits(values, expected, f"rowwise scaled codes ({what})")
+        assert_same_bits(values_t, expected_t, f"columnwise RHT scaled codes ({what})")
+        if not stochastic and reference:
+            reference = nvfp4.quantize(x.t().cpu(), rht=True)
+            assert_same_bits(values_t.cpu(), nvfp4.scaled_codes(reference, torch.bfloat16), "columnwise vs reference")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU: the Triton interpreter in a subprocess
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU: the Triton interpreter in a subprocess
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,6 +317,20 @@ def test_interp_rht_matches_reference(shape):
     x = hard_tensor(shape, torch.bfloat16, seed=shape[0])
     assert_same_bits(kernel_ops.nvfp4_rht(x), rht.apply(x), "RHT output")
     check_nvfp4(x, (1, 16), True, kernel_ops)
+
+
+@interp
+@pytest.mark.parametrize("shape", [(32, 48), (64, 40), (48, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_interp_nvfp4_pair_equals_two_quantize_calls(shape):
+    check_nvfp4_pair(hard_tensor(shape, torch.bfloat16, seed=shape[1]), _kernel_ops())
+
+
+@interp
+def test_interp_nvfp4_pair_reads_a_strided_view_and_refuses_partial_rht_chunks():
+    x = hard_tensor((80, 64), torch.bfloat16, seed=3)
+    check_nvfp4_pair(x.t(), _kernel_ops())  # [64, 80] with strides (1, 64), as dY^T-like views arrive
+    with pytest.raises(QuantError, match="multiple of 16"):
+        _kernel_ops().nvfp4_quantize_pair(x[:40], name_t="dY^T")
 
 
 @interp
@@ -472,6 +509,9 @@ def test_interp_custom_ops_pass_opcheck():
                           (x, 16, False, None, "w", owner, torch.bfloat16))
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_both.default,
                           (x, 16, "w", owner, torch.bfloat16, torch.float32))
+    seeds = torch.tensor([[3, 0], [5, 1]], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default, (x, seeds, "dy", "dy^T", owner, torch.bfloat16))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default, (x, None, "x", "x^T", None, torch.bfloat16))
     a, w = x[:, :32], hard_tensor((24, 32), torch.bfloat16, seed=2)
     torch.library.opcheck(torch.ops.fp4lab.scaled_gemm.default, (a, w.t(), amax_a, amax_b, bias[:24], torch.bfloat16))
 
@@ -697,6 +737,44 @@ def test_interp_shared_input_operands_on_the_fast_path_equal_per_layer_and_the_r
         assert_same_bits(got, expected, f"output/gradient {i}, fast path vs reference")
 
 
+@interp
+def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(fast_path_on_cpu, monkeypatch):
+    """``full`` on the fast path quantizes X with its wgrad X^T and dY with dY^T in paired passes (one amax read and
+    one quantize read each). With SR on, the step equals the per-operand path bit for bit (each operand its own
+    passes), because the paired kernel draws the same Philox bits; and the paired path is the one that ran."""
+    import copy
+
+    import quant
+    from quant import layer_formats
+    from tests.quant.test_functional import SharedInputBlock
+
+    torch.manual_seed(0)
+    block = SharedInputBlock()
+    quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full")))
+    x = torch.randn(2, 48, 64)  # 96 tokens: whole 16-token RHT chunks
+    fast_path_on_cpu()
+    for layer in quant.quantized_modules(block).values():
+        layer.quantizer.prime(x.device)  # both copies below start from the same Philox state
+
+    def step(model: torch.nn.Module) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xi)
+        y.float().square().mean().backward()
+        return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+    kernel_ops, calls = _kernel_ops(), []
+    pair = kernel_ops.nvfp4_quantize_pair
+    monkeypatch.setattr(kernel_ops, "nvfp4_quantize_pair", lambda *a, **kw: calls.append(1) or pair(*a, **kw))
+    paired = step(copy.deepcopy(block))
+    assert len(calls) == 6  # forward: X of q/k/v (shared) and o's input; backward: the 4 layers' dY
+    monkeypatch.setattr(layer_formats.NVFP4Layer, "quantize_pair", lambda self, *args: None)
+    per_operand = step(copy.deepcopy(block))
+    assert len(calls) == 6
+    for i, (got, expected) in enumerate(zip(paired, per_operand)):
+        assert_same_bits(got, expected, f"output/gradient {i}, paired vs per-operand passes (SR on)")
+
+
 class _Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -828,6 +906,17 @@ def test_gpu_spec_vectors(vector):
 @pytest.mark.parametrize("tile", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
 def test_gpu_nvfp4_large_bf16(tile):
     check_nvfp4(hard_tensor((4096, 4096), torch.bfloat16, seed=4).cuda(), tile, False, _PublicNVFP4)
+
+
+@gpu_test
+@pytest.mark.parametrize("shape", [(8192, 1024), (8192, 2816), (1040, 200)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_nvfp4_pair_equals_two_quantize_calls(shape):
+    """The paired pass of the ``full`` step on decoder shapes (and a tail) == the two single-operand kernels, and
+    == the reference where the RHT sums are exact."""
+    check_nvfp4_pair(hard_tensor(shape, torch.bfloat16, seed=5).cuda(), _kernel_ops(), reference=False)
+    g = torch.Generator().manual_seed(shape[1])
+    exact = (torch.randint(-2047, 2048, shape, generator=g).float() * 2.0**-8).bfloat16()
+    check_nvfp4_pair(exact.cuda(), _kernel_ops())
 
 
 @gpu_test
