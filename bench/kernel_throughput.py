@@ -51,6 +51,17 @@ def _codes_bytes(x: Tensor) -> int:
     return x.numel() * x.element_size() + x.numel() // 2 + x.numel() // 16
 
 
+def _pair_bytes(x: Tensor) -> int:
+    return 3 * x.numel() * x.element_size()  # x read once, two operands of x's dtype written
+
+
+def _reference_pair(x: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """What ``nvfp4_quantize_pair`` returns, from two reference quantizations (x, and x^T with the RHT)."""
+    rowwise, columnwise = nvfp4.quantize(x), nvfp4.quantize(x.t().contiguous(), rht=True)
+    return ((rowwise.amax.reshape(()), nvfp4.scaled_codes(rowwise, x.dtype)),
+            (columnwise.amax.reshape(()), nvfp4.scaled_codes(columnwise, x.dtype)))
+
+
 def variants(kernel_ops, generator: torch.Generator) -> list[Variant]:
     """The measured operations; ``kernel_ops`` is ``quant.kernels.ops`` (None: only the reference columns run)."""
     def nv(**kw):
@@ -82,12 +93,16 @@ def variants(kernel_ops, generator: torch.Generator) -> list[Variant]:
         Variant("nvfp4 quantize (codes)", False, True, lambda x: kernel_ops.nvfp4_quantize(x), nvfp4.quantize,
                 _codes_bytes),
         Variant("nvfp4 dequantize", False, True, decode_kernel, decode_reference, _codes_bytes),
+        Variant("nvfp4 pair X + RHT(X^T) (QAT full)", True, True, lambda x: kernel_ops.nvfp4_quantize_pair(x),
+                _reference_pair, _pair_bytes),
         Variant("mxfp4 floor fake-quant", False, True, *mx("floor"), _fake_quant_bytes),
         Variant("mxfp4 rceil fake-quant", False, True, *mx("rceil"), _fake_quant_bytes),
     ]
 
 
 def _same(a: object, b: object) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, nvfp4.NVFP4Tensor):
         return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("codes", "scales")) and torch.equal(
             a.amax.reshape(()), b.amax.reshape(()))
@@ -182,6 +197,20 @@ def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> lis
                 rows.append({"case": name, "config": str(config), "timing": t})
         finally:
             nvfp4_kernels.set_launch_config(previous)
+    seeds = torch.tensor([[1, 0], [2, 0]], dtype=torch.int64, device=device)
+    pair_cases = {"pair X + RHT(X^T)": lambda: kernel_ops.nvfp4_quantize_pair(x),
+                  "pair dY + RHT(dY^T), SR": lambda: kernel_ops.nvfp4_quantize_pair(x, stochastic=True, seeds=seeds)}
+    tiles = [(32, 64), (64, 64), (64, 128), (128, 128), (32, 128)]
+    for amax_tile in tiles:
+        for quantize_tile in tiles:
+            config = nvfp4_kernels.LaunchConfig(pair_amax_tile=amax_tile, pair_quantize_tile=quantize_tile)
+            previous = nvfp4_kernels.set_launch_config(config)
+            try:
+                for name, call in pair_cases.items():
+                    t = measure(replayed(call, device) or call, device, args.warmup, args.reps)
+                    rows.append({"case": name, "config": str(config), "timing": t})
+            finally:
+                nvfp4_kernels.set_launch_config(previous)
     return rows
 
 

@@ -56,7 +56,10 @@ class LaunchConfig:
     elements: int = 4096  # target BM * BK per program
     max_bk: int = 128  # widest tile along the blocked dim (a power of two >= 32)
     num_warps: int = 4
-    pair_tile: int = 64  # widest tile of the rowwise + columnwise pair kernels along either dim (power of two >= 16)
+    # largest tile [rows, cols] of the rowwise + columnwise pair kernels (powers of two, rows >= 16): each tile is read
+    # along one dim and written along both (``bench/kernel_throughput.py --sweep`` times the alternatives)
+    pair_amax_tile: tuple[int, int] = (64, 128)
+    pair_quantize_tile: tuple[int, int] = (32, 64)
 
 
 _config = LaunchConfig()
@@ -378,17 +381,18 @@ def quantize_pair_2d(x2d: Tensor, flag: Tensor, tickets: tuple[int, int], seeds:
     (key, counter) int64 [2] each, or None (round to nearest)."""
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
-    bm, bk = pair_tile_shape(m, kp)
     device = x2d.device
     amax = torch.zeros(1, dtype=torch.float32, device=device)
     amax_t = torch.zeros(1, dtype=torch.float32, device=device)
     options = launch_options(x2d)
+    bm, bk = pair_tile_shape(m, kp, _config.pair_amax_tile)
     _amax_pair_kernel[(triton.cdiv(m, bm) * triton.cdiv(k, bk),)](
         x2d, x2d.stride(0), x2d.stride(1), m, k, amax, amax_t, flag, tickets[0], tickets[1], FLT_MAX=FLT_MAX,
         SIGN_MASK=SIGN_MASK, BM=bm, BK=bk, **options)
     values = torch.empty(m, k, dtype=dtype, device=device)
     values_t = torch.empty(k, m, dtype=dtype, device=device)
     seed, seed_t = (amax, amax) if seeds is None else seeds  # placeholders are never read without SR
+    bm, bk = pair_tile_shape(m, kp, _config.pair_quantize_tile)
     _quantize_pair_kernel[(triton.cdiv(m, bm) * triton.cdiv(kp, bk),)](
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, seed, _storage_view(values), amax_t, seed_t,
         _storage_view(values_t), STOCHASTIC=seeds is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
@@ -396,12 +400,10 @@ def quantize_pair_2d(x2d: Tensor, flag: Tensor, tickets: tuple[int, int], seeds:
     return amax, values, amax_t, values_t
 
 
-def pair_tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
-    """Program tile of the pair kernels: square-ish (``pair_tile`` wide along both dims, less for small tensors),
-    since each tile is read along one dim and written along both."""
-    bk = min(_config.pair_tile, triton.next_power_of_2(padded_cols))
-    bm = max(16, min(_config.elements // bk, _config.pair_tile, triton.next_power_of_2(rows)))
-    return bm, bk
+def pair_tile_shape(rows: int, padded_cols: int, largest: tuple[int, int]) -> tuple[int, int]:
+    """Program tile (BM, BK) of a pair kernel: ``largest`` (a ``LaunchConfig`` pair tile), less for small tensors;
+    BM >= 16 (whole RHT chunks of x^T)."""
+    return max(16, min(largest[0], triton.next_power_of_2(rows))), min(largest[1], triton.next_power_of_2(padded_cols))
 
 
 def decode_2d(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype, scaled_codes: bool) -> Tensor:
