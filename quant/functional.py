@@ -316,11 +316,13 @@ class LayerQuantizer:
                            dequantized_dtype=dequantized_dtype)
 
     def operand_pair(self, slot: str, x: Tensor, compute_dtype: torch.dtype,
-                     seeds: tuple[Tensor | None, Tensor | None] = (None, None)) -> tuple[Operand, Operand] | None:
+                     seeds: tuple[Tensor | None, Tensor | None] = (None, None),
+                     scaled_dtype: torch.dtype = torch.bfloat16) -> tuple[Operand, Operand] | None:
         """The operands of ``slot`` (x [M, K], blocked along K) and of its wgrad slot (x^T [K, M], RHT'ed and blocked
         along the tokens M) from one quantize pass, where the format has one (``LayerFormat.quantize_pair``: NVFP4
         on the kernel path, TE's default recipe); None otherwise, and the caller quantizes each with ``operand``.
-        ``slot``: "fprop_input" (X) or "dgrad_grad" (dY); ``seeds``: the two operands' SR Philox counters.
+        ``slot``: "fprop_input" (X) or "dgrad_grad" (dY); ``seeds``: the two operands' SR Philox counters;
+        ``scaled_dtype``: the dtype of x's GEMM operand (float32 for a convolution; x^T's is BF16).
 
         Both operands are GEMM-only scaled codes (``gemm.ScaledCodes``), so every GEMM they enter must multiply two
         operands of this format: all three roles quantized alike."""
@@ -330,7 +332,7 @@ class LayerQuantizer:
                        for a, b in (("input", "weight"), ("grad", "weight"), ("grad", "input"))]
         if not (self.wgrad_rht and all(gemm_dtypes) and compute_dtype == torch.bfloat16 and x.dim() == 2):
             return None
-        request = self._request(slot, x, False, seeds[0], torch.bfloat16, None)
+        request = self._request(slot, x, False, seeds[0], scaled_dtype, None)
         request_t = self._request(slot_t, x, True, seeds[1], torch.bfloat16, None)
         return self.format_of(role).quantize_pair(x, request, request_t, self.recipe)
 
@@ -443,9 +445,9 @@ def _pad_tokens(x: Tensor) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor, input_t: Tensor | None, dtype: torch.dtype, seed: Tensor | None,
-                input_source: Tensor | None = None, paired: tuple[Operand | None, Operand | None] = (None, None)
-                ) -> tuple[Operand, Operand]:
+def _wgrad_pair(q: LayerQuantizer, grad_t: Tensor | None, input_t: Tensor | None, dtype: torch.dtype,
+                seed: Tensor | None, input_source: Tensor | None = None,
+                paired: tuple[Operand | None, Operand | None] = (None, None)) -> tuple[Operand, Operand]:
     """Quantized wgrad operands dY^T [rows_a, T] and X^T [rows_b, T], blocked (and RHT'ed) along tokens T.
 
     ``input_source``: the saved tensor X^T is a view of, when it is one (linear layers); layers that saved the same X
@@ -831,8 +833,12 @@ class _QuantConvFunction(torch.autograd.Function):
             # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM
             scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm else torch.float32)
             keep = q.keeps_dequantized(track, dtype)
-            xq = q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled,
-                           dequantized_dtype=keep)  # [N*H*W, Ci]
+            # a pointwise layer's wgrad X^T is its pixel rows transposed: made with X in one pass (``full``)
+            pair = track and q.backward == "full" and weight.requires_grad and as_gemm
+            operands = q.operand_pair("fprop_input", _pixels(x_c), dtype) if pair else None
+            xq, xtq = operands if operands is not None else (
+                q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled, dequantized_dtype=keep), None)
+            # xq [N*H*W, Ci]; xtq: X^T's wgrad operand [Ci, N*H*W] or None
             wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled,
                            dequantized_dtype=keep)  # [Co, kh*kw*Ci]
             bias_c = None if bias is None else bias.to(dtype)
@@ -847,7 +853,7 @@ class _QuantConvFunction(torch.autograd.Function):
         if not track:
             _save(ctx)
         elif q.backward == "full":
-            _save(ctx, x_c, q.kept_for_dgrad(wq, weight), seeds)
+            _save(ctx, x_c if xtq is None else xtq, q.kept_for_dgrad(wq, weight), seeds)
         elif q.backward == "dequantized":
             _save(ctx, _kept_values(xq) if "input" in q.roles else x_c, _kept_values(wq) if "weight" in q.roles
                   else weight)
@@ -866,11 +872,18 @@ class _QuantConvFunction(torch.autograd.Function):
         with _autocast_off(grad_out):
             dy = grad_out.to(dtype)  # [N, Co, OH, OW]
             if q.backward == "full":
-                saved_x, kept_w, seeds = _saved(ctx)  # x [N, Ci, H, W]; quantized W [Co, kh*kw*Ci] or the weight
+                # x [N, Ci, H, W] or, pointwise, X^T's paired wgrad operand; quantized W [Co, kh*kw*Ci] or the weight
+                saved_x, kept_w, seeds = _saved(ctx)
+                dy_q = dy_t = None
+                if need_x and need_w and not geo.transposed:  # dY [T, Co] and dY^T [Co, T] from one pass
+                    as_gemm = _as_gemm(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype)
+                    paired = q.operand_pair("dgrad_grad", _pixels(dy), dtype, (_seed(seeds, 0), _seed(seeds, 1)),
+                                            scaled_dtype=dtype if as_gemm else torch.float32)
+                    dy_q, dy_t = (None, None) if paired is None else paired
                 if need_x:
-                    grad_x = _full_dgrad(q, dy, kept_w, ctx, geo, _seed(seeds, 0))
+                    grad_x = _full_dgrad(q, dy, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
                 if need_w:
-                    grad_w = _full_wgrad(q, dy, saved_x, ctx.w_shape, dtype, geo, _seed(seeds, 1))
+                    grad_w = _full_wgrad(q, dy, saved_x, ctx.w_shape, dtype, geo, _seed(seeds, 1), dy_t)
             else:
                 saved_x, saved_w = _saved(ctx)
                 x_val, w_val = _forward_values(q, saved_x, saved_w, ctx, geo)
@@ -905,12 +918,14 @@ def _forward_values(q: LayerQuantizer, saved_x: Operand | Tensor, saved_w: Opera
 
 
 def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
-                seed: Tensor | None) -> Tensor:
-    """dX with dY quantized per output pixel along Co and W^T along Co per tap ([Ci, kh*kw*Co])."""
+                seed: Tensor | None, dyq: Operand | None = None) -> Tensor:
+    """dX with dY quantized per output pixel along Co (``dyq`` when a paired pass made it) and W^T along Co per tap
+    ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
     as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
     scaled = q.gemm_operand_dtype("grad", "weight", dtype if as_gemm else torch.float32)
-    dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
+    if dyq is None:
+        dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
     fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
     wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
@@ -921,14 +936,17 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, ge
     return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)
 
 
-def _full_wgrad(q: LayerQuantizer, dy: Tensor, x: Tensor, w_shape: torch.Size, dtype: torch.dtype,
-                geo: ConvGeometry, seed: Tensor | None) -> Tensor:
-    """dW as a GEMM over tokens: Conv2d tokens = output pixels, ConvTranspose2d tokens = input pixels."""
+def _full_wgrad(q: LayerQuantizer, dy: Tensor, x: Operand, w_shape: torch.Size, dtype: torch.dtype,
+                geo: ConvGeometry, seed: Tensor | None, dy_t: Operand | None = None) -> Tensor:
+    """dW as a GEMM over tokens: Conv2d tokens = output pixels, ConvTranspose2d tokens = input pixels. ``x``: the
+    saved input, or (pointwise Conv2d) X^T's wgrad operand from the forward's paired pass; ``dy_t``: dY^T's operand
+    when a paired pass made it."""
     kernel = (w_shape[2], w_shape[3])
     if not geo.transposed:
-        grad_t = _pixels(dy).t()  # [Co, T]
-        input_t = geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
-        a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed)
+        grad_t = None if dy_t is not None else _pixels(dy).t()  # [Co, T]
+        x_t = x if isinstance(x, gemm.ScaledCodes) else None
+        input_t = None if x_t is not None else geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
+        a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, x_t))
         return conv_weight_from_matrix(gemm.mm(a, b, dtype), (w_shape[0], w_shape[1], *kernel))  # [Co, Ci, kh, kw]
     grad_t = geo.unfold(dy, kernel, (x.shape[2], x.shape[3]))  # [kh*kw*Co, T], T = input pixels
     input_t = _pixels(x).t()  # [Ci, T]

@@ -179,14 +179,15 @@ class NVFP4Layer(LayerFormat):
                       ) -> tuple[Operand, Operand] | None:
         """X and X^T (or dY and dY^T) of a ``full`` step as ``gemm.ScaledCodes`` from one amax read and one quantize
         read (``kernels.ops.nvfp4_quantize_pair``): 1x16 blocks, x^T RHT'ed, the bytes of two ``quantize`` calls.
-        Only on the kernel path, for BF16 x with rows in 16-token chunks, GEMM operands in BF16, no amax reduction,
-        and SR (grads) drawn from Philox seeds; None otherwise."""
+        Only on the kernel path, for BF16 x with rows in 16-token chunks, scaled codes for a GEMM (BF16) or a
+        convolution (float32, x only), no amax reduction, and SR (grads) drawn from Philox seeds; None otherwise."""
         role = SLOT_ROLE[request.slot]
         stochastic = role == "grad" and recipe.stochastic_rounding
         seeds = (request.seed, request_t.seed)
         eligible = (kernels.enabled_for(x) and role != "weight" and request_t.rht and not request.rht
                     and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] % nvfp4.BLOCK == 0
-                    and request.scaled_dtype == request_t.scaled_dtype == torch.bfloat16
+                    and request.scaled_dtype in (torch.bfloat16, torch.float32)
+                    and request_t.scaled_dtype == torch.bfloat16
                     and request.dequantized_dtype is None and request_t.dequantized_dtype is None
                     and request.amax_reduce is None and request_t.amax_reduce is None
                     and (not stochastic or all(seed is not None for seed in seeds)))
@@ -194,7 +195,7 @@ class NVFP4Layer(LayerFormat):
             return None
         (amax, values), (amax_t, values_t) = kernels.load().nvfp4_quantize_pair(
             x, stochastic=stochastic, seeds=torch.stack(seeds) if stochastic else None, name=request.name,
-            name_t=request_t.name, dtype=torch.bfloat16)
+            name_t=request_t.name, dtype=request.scaled_dtype, dtype_t=request_t.scaled_dtype)
         return gemm.ScaledCodes(values, amax), gemm.ScaledCodes(values_t, amax_t)
 
     def rht_applies(self, recipe: Recipe) -> bool:

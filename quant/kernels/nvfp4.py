@@ -248,8 +248,8 @@ def _quantize_pair_kernel(
     amax_ptr, seed_ptr, out_ptr,  # rowwise operand: amax, SR (key, counter), scaled codes [M, K]
     amax_t_ptr, seed_t_ptr, out_t_ptr,  # columnwise operand of x^T [K, M], RHT'ed along M: the same three
     STOCHASTIC: tl.constexpr, SIGN_MASK: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr,
-    E2M1_X_E4M3: tl.constexpr, FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    E2M1_X_E4M3: tl.constexpr, FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr, OUT_T_BF16_BITS: tl.constexpr,
+    NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """x's two NVFP4 operands of a ``full`` training step from one read: x 1x16-blocked along K (the forward's X, the
     dgrad's dY) and RHT(x^T) 1x16-blocked along M (the wgrad's X^T and dY^T), each written as its scaled codes in the
@@ -261,7 +261,7 @@ def _quantize_pair_kernel(
                    False, NATIVE_BF16, BM, BK)
     rotated = rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16)  # [BK, BM]: x^T's tile, RHT'ed along M
     _quantize_tile(rotated, pid_k, pid_m, K, M, M, amax_t_ptr, seed_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr,
-                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS,
+                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_T_BF16_BITS,
                    False, NATIVE_BF16, BK, BM)
 
 
@@ -374,11 +374,11 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
 
 
 def quantize_pair_2d(x2d: Tensor, flag: Tensor, tickets: tuple[int, int], seeds: tuple[Tensor, Tensor] | None,
-                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x2d [M, K] (BF16, M % 16 == 0) -> (amax, scaled codes [M, K]) of x blocked 1x16 along K and (amax, scaled
-    codes [K, M]) of RHT(x^T) blocked 1x16 along M, from one amax read and one quantize read of x
-    (``_quantize_pair_kernel``). ``tickets``: the NaN-check tickets of the two operands; ``seeds``: their SR Philox
-    (key, counter) int64 [2] each, or None (round to nearest)."""
+                     dtype: torch.dtype, dtype_t: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x2d [M, K] (BF16, M % 16 == 0) -> (amax, scaled codes [M, K] in ``dtype``) of x blocked 1x16 along K and
+    (amax, scaled codes [K, M] in ``dtype_t``) of RHT(x^T) blocked 1x16 along M, from one amax read and one quantize
+    read of x (``_quantize_pair_kernel``). ``tickets``: the NaN-check tickets of the two operands; ``seeds``: their SR
+    Philox (key, counter) int64 [2] each, or None (round to nearest)."""
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
     device = x2d.device
@@ -390,13 +390,14 @@ def quantize_pair_2d(x2d: Tensor, flag: Tensor, tickets: tuple[int, int], seeds:
         x2d, x2d.stride(0), x2d.stride(1), m, k, amax, amax_t, flag, tickets[0], tickets[1], FLT_MAX=FLT_MAX,
         SIGN_MASK=SIGN_MASK, BM=bm, BK=bk, **options)
     values = torch.empty(m, k, dtype=dtype, device=device)
-    values_t = torch.empty(k, m, dtype=dtype, device=device)
+    values_t = torch.empty(k, m, dtype=dtype_t, device=device)
     seed, seed_t = (amax, amax) if seeds is None else seeds  # placeholders are never read without SR
     bm, bk = pair_tile_shape(m, kp, _config.pair_quantize_tile)
     _quantize_pair_kernel[(triton.cdiv(m, bm) * triton.cdiv(kp, bk),)](
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, amax, seed, _storage_view(values), amax_t, seed_t,
         _storage_view(values_t), STOCHASTIC=seeds is not None, SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688,
-        E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=dtype == torch.bfloat16, BM=bm, BK=bk, **options)
+        E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX, OUT_BF16_BITS=dtype == torch.bfloat16,
+        OUT_T_BF16_BITS=dtype_t == torch.bfloat16, BM=bm, BK=bk, **options)
     return amax, values, amax_t, values_t
 
 

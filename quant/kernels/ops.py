@@ -161,13 +161,14 @@ def _(x: Tensor, tile_rows: int, name: str, owner: Tensor | None, dtype: torch.d
 
 
 def _nvfp4_quantize_pair_eager(x: Tensor, seeds: Tensor | None, name: str, name_t: str, owner: Tensor | None,
-                               dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               dtype: torch.dtype, dtype_t: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x2d = _as_2d(x)
     flag, ticket = checks.ticket(x2d.device, nvfp4_reference.FORMAT, name or None, "", owner)
     _, ticket_t = checks.ticket(x2d.device, nvfp4_reference.FORMAT, name_t or None, "after the RHT (BF16 overflow)",
                                 owner)
     pair_seeds = None if seeds is None else (seeds[0], seeds[1])
-    amax, values, amax_t, values_t = nvfp4_kernels.quantize_pair_2d(x2d, flag, (ticket, ticket_t), pair_seeds, dtype)
+    amax, values, amax_t, values_t = nvfp4_kernels.quantize_pair_2d(x2d, flag, (ticket, ticket_t), pair_seeds, dtype,
+                                                                    dtype_t)
     checks.poll(x2d.device)
     return amax.reshape(()), values, amax_t.reshape(()), values_t
 
@@ -176,11 +177,11 @@ _nvfp4_quantize_pair_op = _custom_op("nvfp4_quantize_pair", _nvfp4_quantize_pair
 
 
 @_nvfp4_quantize_pair_op.register_fake
-def _(x: Tensor, seeds: Tensor | None, name: str, name_t: str, owner: Tensor | None, dtype: torch.dtype
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(x: Tensor, seeds: Tensor | None, name: str, name_t: str, owner: Tensor | None, dtype: torch.dtype,
+      dtype_t: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     values = _fake_values(x, dtype)
     amax = x.new_empty((), dtype=torch.float32)
-    return amax, values, torch.empty_like(amax), values.new_empty(values.shape[1], values.shape[0])
+    return amax, values, torch.empty_like(amax), x.new_empty(values.shape[1], values.shape[0], dtype=dtype_t)
 
 
 def _nvfp4_decode_eager(codes: Tensor, scales: Tensor, amax: Tensor, cols: int, dtype: torch.dtype,
@@ -243,14 +244,15 @@ def nvfp4_quantize_both(x: Tensor, tile: tuple[int, int] = (1, 16), name: str | 
 
 def nvfp4_quantize_pair(x: Tensor, stochastic: bool = False, seeds: Tensor | None = None,
                         generator: torch.Generator | None = None, name: str | checks.OwnedName | None = None,
-                        name_t: str | checks.OwnedName | None = None, dtype: torch.dtype = torch.bfloat16
-                        ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+                        name_t: str | checks.OwnedName | None = None, dtype: torch.dtype = torch.bfloat16,
+                        dtype_t: torch.dtype = torch.bfloat16) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """The two operands a ``full`` training step takes from one BF16 matrix x [M, K] (M a multiple of 16), from
     one amax read and one quantize read: ((amax, scaled codes [M, K]) of ``nvfp4_quantize_scaled(x)``, (amax, scaled
     codes [K, M]) of ``nvfp4_quantize_scaled(x^T, rht=True)``), 1x16 blocks, the same bytes as those two calls (SR:
     the same bits for the same seeds). ``seeds``: int64 [2, 2], the Philox (key, counter) of the rowwise and the
     columnwise operand (``stochastic`` without seeds draws two keys from ``generator``); ``name`` / ``name_t``: the
-    two operands' names (one layer: ``OwnedName`` of the same owner, or strings)."""
+    two operands' names (one layer: ``OwnedName`` of the same owner, or strings); ``dtype`` / ``dtype_t``: the
+    dtypes of the two scaled-codes outputs (BF16 for a GEMM, float32 for a convolution)."""
     if x.dim() != 2:
         raise ValueError(f"nvfp4_quantize_pair takes a 2-D tensor; got shape {tuple(x.shape)}")
     _check_nvfp4(x.t(), (1, 16), True, name_t)  # x^T: BF16, rows in 16-element chunks (the RHT's rules)
@@ -259,7 +261,7 @@ def nvfp4_quantize_pair(x: Tensor, stochastic: bool = False, seeds: Tensor | Non
     words, owner = checks.split_name(name)
     words_t, _ = checks.split_name(name_t)
     amax, values, amax_t, values_t = _call(_nvfp4_quantize_pair_op, _nvfp4_quantize_pair_eager, x.detach(),
-                                           seeds if stochastic else None, words, words_t, owner, dtype)
+                                           seeds if stochastic else None, words, words_t, owner, dtype, dtype_t)
     return (amax, values), (amax_t, values_t)
 
 

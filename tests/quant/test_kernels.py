@@ -148,8 +148,11 @@ def check_nvfp4_pair(x: torch.Tensor, kernel_ops, reference: bool = True) -> Non
     same seeds)."""
     for stochastic in (False, True):
         seeds = torch.tensor([[11, 3], [2**40 + 5, 7]], dtype=torch.int64, device=x.device) if stochastic else None
-        (amax, values), (amax_t, values_t) = kernel_ops.nvfp4_quantize_pair(x, stochastic=stochastic, seeds=seeds)
-        q, expected = kernel_ops.nvfp4_quantize_scaled(x, stochastic=stochastic, seed=seeds[0] if stochastic else None)
+        row_dtype = torch.float32 if stochastic else torch.bfloat16  # a convolution's dgrad dY is float32
+        (amax, values), (amax_t, values_t) = kernel_ops.nvfp4_quantize_pair(x, stochastic=stochastic, seeds=seeds,
+                                                                            dtype=row_dtype)
+        q, expected = kernel_ops.nvfp4_quantize_scaled(x, stochastic=stochastic, seed=seeds[0] if stochastic else None,
+                                                       dtype=row_dtype)
         q_t, expected_t = kernel_ops.nvfp4_quantize_scaled(x.t(), rht=True, stochastic=stochastic,
                                                            seed=seeds[1] if stochastic else None)
         what = "SR" if stochastic else "RN"
@@ -510,8 +513,10 @@ def test_interp_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_both.default,
                           (x, 16, "w", owner, torch.bfloat16, torch.float32))
     seeds = torch.tensor([[3, 0], [5, 1]], dtype=torch.int64)
-    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default, (x, seeds, "dy", "dy^T", owner, torch.bfloat16))
-    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default, (x, None, "x", "x^T", None, torch.bfloat16))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default,
+                          (x, seeds, "dy", "dy^T", owner, torch.float32, torch.bfloat16))
+    torch.library.opcheck(torch.ops.fp4lab.nvfp4_quantize_pair.default,
+                          (x, None, "x", "x^T", None, torch.bfloat16, torch.bfloat16))
     a, w = x[:, :32], hard_tensor((24, 32), torch.bfloat16, seed=2)
     torch.library.opcheck(torch.ops.fp4lab.scaled_gemm.default, (a, w.t(), amax_a, amax_b, bias[:24], torch.bfloat16))
 
@@ -737,11 +742,22 @@ def test_interp_shared_input_operands_on_the_fast_path_equal_per_layer_and_the_r
         assert_same_bits(got, expected, f"output/gradient {i}, fast path vs reference")
 
 
+def _pointwise_conv_stack() -> torch.nn.Sequential:
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(),
+                         nn.ConvTranspose2d(32, 16, 2, stride=2))
+
+
 @interp
-def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(fast_path_on_cpu, monkeypatch):
+@pytest.mark.parametrize("kind, pairs", [("linear", 6), ("conv", 3)])
+def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(kind, pairs, fast_path_on_cpu,
+                                                                             monkeypatch):
     """``full`` on the fast path quantizes X with its wgrad X^T and dY with dY^T in paired passes (one amax read and
     one quantize read each). With SR on, the step equals the per-operand path bit for bit (each operand its own
-    passes), because the paired kernel draws the same Philox bits; and the paired path is the one that ran."""
+    passes), because the paired kernel draws the same Philox bits; and the paired path is the one that ran.
+    Linear (q/k/v sharing X): X of q/k/v and o's input in the forward, the 4 layers' dY in the backward. Convolutions:
+    the 1x1 layer's X (its X^T is its pixel rows), the two Conv2d layers' dY (float32 dY for the 3x3 convolution's
+    dgrad); the transposed convolution's wgrad dY is an im2col, not paired."""
     import copy
 
     import quant
@@ -749,9 +765,9 @@ def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(fas
     from tests.quant.test_functional import SharedInputBlock
 
     torch.manual_seed(0)
-    block = SharedInputBlock()
+    block = SharedInputBlock() if kind == "linear" else _pointwise_conv_stack()
     quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full")))
-    x = torch.randn(2, 48, 64)  # 96 tokens: whole 16-token RHT chunks
+    x = torch.randn(2, 48, 64) if kind == "linear" else torch.randn(2, 16, 8, 8)  # 96 / 128 tokens: whole chunks
     fast_path_on_cpu()
     for layer in quant.quantized_modules(block).values():
         layer.quantizer.prime(x.device)  # both copies below start from the same Philox state
@@ -767,10 +783,10 @@ def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(fas
     pair = kernel_ops.nvfp4_quantize_pair
     monkeypatch.setattr(kernel_ops, "nvfp4_quantize_pair", lambda *a, **kw: calls.append(1) or pair(*a, **kw))
     paired = step(copy.deepcopy(block))
-    assert len(calls) == 6  # forward: X of q/k/v (shared) and o's input; backward: the 4 layers' dY
+    assert len(calls) == pairs
     monkeypatch.setattr(layer_formats.NVFP4Layer, "quantize_pair", lambda self, *args: None)
     per_operand = step(copy.deepcopy(block))
-    assert len(calls) == 6
+    assert len(calls) == pairs
     for i, (got, expected) in enumerate(zip(paired, per_operand)):
         assert_same_bits(got, expected, f"output/gradient {i}, paired vs per-operand passes (SR on)")
 
