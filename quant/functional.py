@@ -356,8 +356,15 @@ class LayerQuantizer:
 
     def kept_for_dgrad(self, fprop_weight: Operand, weight: Tensor) -> Operand | Tensor:
         """What a ``full`` forward saves for the dgrad weight operand: the quantized forward operand when the backward
-        reuses it (no requantization, 0.56 bytes per element for NVFP4), else the weight parameter itself."""
-        return gemm.packed(fprop_weight) if self.reuses_fprop_weight() else weight
+        reuses it (no requantization), else the weight parameter itself. The reused operand is kept packed (0.56
+        bytes per element for NVFP4), or on the fast path, when the dgrad GEMM multiplies two NVFP4 operands, as the
+        scaled codes the forward GEMM read (``gemm.ScaledCodes``: 2 or 4 bytes per element, no decode pass in the
+        backward)."""
+        if not self.reuses_fprop_weight():
+            return weight
+        if isinstance(fprop_weight, gemm.Prescaled) and self.gemm_operand_dtype("grad", "weight", torch.bfloat16):
+            return gemm.ScaledCodes(fprop_weight.values, fprop_weight.amax)
+        return gemm.packed(fprop_weight)
 
     def dgrad_weight(self, kept: Operand | Tensor, fprop_matrix: Callable[[Tensor], Tensor],
                      to_dgrad: Callable[[Tensor], Tensor], dtype: torch.dtype,
@@ -585,8 +592,10 @@ def _bias_grad(dy: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 class _QuantLinearFunction(torch.autograd.Function):
     """What the forward saves per backward mode (no operand is quantized twice):
 
-    * ``full``: X in the compute dtype (wgrad quantizes X^T along tokens, a different blocking) and, for the dgrad
-      W^T, the forward's quantized W when the 16x16 tiles make it reusable (else the weight parameter);
+    * ``full``: X in the compute dtype (wgrad quantizes X^T along tokens, a different blocking), or on the fast path
+      X^T's wgrad operand itself, made with X's forward operand in one paired pass (``LayerQuantizer.operand_pair``;
+      the backward likewise makes dY and dY^T in one pass); and, for the dgrad W^T, the forward's quantized W when
+      the 16x16 tiles make it reusable (``LayerQuantizer.kept_for_dgrad``; else the weight parameter);
     * ``dequantized``: the forward's quantized X and W: on the kernel path their dequantized values in the compute
       dtype, written by the forward's quantize pass (``LayerQuantizer.keeps_dequantized``); otherwise NVFP4 packed
       codes (0.56 bytes per element), decoded to the compute dtype in the backward;

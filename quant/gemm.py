@@ -59,9 +59,10 @@ class Relaid:
 
     Valid when every scale block of ``source`` is also a scale block of the new layout: the 16x16 weight tiles, which
     cover the same 16x16 elements whether W or W^T (or, for a convolution, one tap's [Co, Ci] or [Ci, Co]) is blocked,
-    so the codes, scales and amax are those TE's columnwise quantization produces (SPEC 1.4)."""
+    so the codes, scales and amax are those TE's columnwise quantization produces (SPEC 1.4). ``source`` may also be
+    the forward's ``ScaledCodes`` (fast path: the saved GEMM operand itself, no decode pass)."""
 
-    source: nvfp4.NVFP4Tensor
+    source: nvfp4.NVFP4Tensor | ScaledCodes
     layout: Callable[[Tensor], Tensor]  # source's [rows, cols] values -> this GEMM's 2-D operand (a view)
 
     @property
@@ -139,7 +140,7 @@ def _scaled_codes(operand: nvfp4.NVFP4Tensor | Relaid | Prescaled | ScaledCodes,
         return operand.values if operand.values.dtype == dtype else operand.values.to(dtype)  # exact in both
     if isinstance(operand, nvfp4.NVFP4Tensor):
         return nvfp4.scaled_codes(operand, dtype)
-    values = operand.layout(nvfp4.scaled_codes(operand.source, dtype))
+    values = operand.layout(_scaled_codes(operand.source, dtype, False))
     return values.contiguous() if materialize else values
 
 
