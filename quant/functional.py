@@ -786,6 +786,20 @@ def _as_gemm(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch
     return geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16)
 
 
+def _fprop_on_cudnn(geo: ConvGeometry, x: Tensor, dtype: torch.dtype) -> bool:
+    """Does this Conv2d's forward run as ``scaled_conv_fprop`` (fast path, BF16 compute, cuDNN's graph API present)?"""
+    return (not geo.transposed and dtype == torch.bfloat16 and gemm.fast_path(x)
+            and kernels.load().scaled_convolution_available())
+
+
+def scaled_conv_fprop(geo: ConvGeometry, x: Tensor, weight: Tensor, alpha: gemm.Alpha, bias: Tensor | None
+                      ) -> Tensor:
+    """The forward convolution of two NVFP4 operands' BF16 scaled codes with TE's epilogue applied to the FP32
+    accumulator inside cuDNN's kernel (``quant.kernels.cudnn_conv``): ``gemm.finish`` of the FP32 convolution, in one
+    pass. CPU tests of the fast path replace this function."""
+    return kernels.load().scaled_convolution(x, weight, alpha.amax_a, alpha.amax_b, bias, *geo._args()[:3])
+
+
 def rounded_conv_grads(geo: ConvGeometry, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool]
                        ) -> tuple[Tensor | None, Tensor | None]:
     """``ConvGeometry.rounded_grads`` on the fast path: cuDNN convolutions of BF16 tensors writing BF16. CPU tests of
@@ -839,8 +853,10 @@ class _QuantConvFunction(torch.autograd.Function):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
             as_gemm = _as_gemm(geo, tuple(w_oi.shape[2:]), x_c, dtype)
-            # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM
-            scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm else torch.float32)
+            on_cudnn = not as_gemm and _fprop_on_cudnn(geo, x_c, dtype)
+            # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM, and with cuDNN's graph
+            # API the others convolve BF16 scaled codes with the epilogue in the kernel
+            scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm or on_cudnn else torch.float32)
             keep = q.keeps_dequantized(track, dtype)
             # a pointwise layer's wgrad X^T is its pixel rows transposed: made with X in one pass (``full``)
             pair = track and q.backward == "full" and weight.requires_grad and as_gemm
@@ -854,6 +870,10 @@ class _QuantConvFunction(torch.autograd.Function):
             if as_gemm:
                 n, _, h, w = x_c.shape
                 y = _unpixels(gemm.mm(xq, wq, dtype, bias_c), (n, w_oi.shape[0], h, w))
+            elif on_cudnn and scaled is not None:
+                xs, ws, alpha = gemm.fast_operands(xq, wq, dtype)
+                y = scaled_conv_fprop(geo, _unpixels(xs, x_c.shape), conv_weight_from_matrix(ws, w_oi.shape), alpha,
+                                      bias_c)  # [N, Co, OH, OW], channels-last
             else:
                 x32, w32, alpha = gemm.prepare(xq, wq, dtype)
                 w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)

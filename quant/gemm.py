@@ -199,7 +199,7 @@ def finish(acc: Tensor, alpha: Alpha | None, out_dtype: torch.dtype, bias: Tenso
 def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = None) -> Tensor:
     """The TN GEMM ``a [M, K] @ b [N, K]^T -> [M, N]`` in ``out_dtype`` (bias [N] added in the epilogue)."""
     if fast_path(_device_tensor(a)):
-        a2, b2, alpha = _gemm_operands(a, b, out_dtype)
+        a2, b2, alpha = fast_operands(a, b, out_dtype)
         if a2.dtype == b2.dtype and a2.dtype in _LOW_PRECISION:
             if alpha is None and bias is None and out_dtype == a2.dtype:
                 return rounded_gemm(a2, b2.t())  # nothing between the FP32 accumulator and the one rounding
@@ -209,8 +209,9 @@ def mm(a: Operand, b: Operand, out_dtype: torch.dtype, bias: Tensor | None = Non
     return finish(_contract(a32, b32.t(), _exact_in_bf16(a, b, out_dtype)), alpha, out_dtype, bias)
 
 
-def _gemm_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Alpha | None]:
-    """The fast path's GEMM operands: BF16 scaled codes (exact, SPEC 1.8), or the values in their own dtype."""
+def fast_operands(a: Operand, b: Operand, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Alpha | None]:
+    """The fast path's GEMM operands: BF16 scaled codes (exact, SPEC 1.8) and alpha, or the values in their own dtype
+    and None."""
     if is_nvfp4(a) and is_nvfp4(b):
         alpha = Alpha(a.amax, b.amax)
         return _scaled_codes(a, torch.bfloat16, False), _scaled_codes(b, torch.bfloat16, False), alpha

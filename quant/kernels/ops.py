@@ -26,6 +26,7 @@ from quant import im2col, mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rh
 from quant.errors import check_float_tensor
 from quant.kernels import checks
 from quant.kernels import traced_or_eager as _call
+from quant.kernels import cudnn_conv
 from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
 from quant.kernels import scaled_mm as scaled_mm_kernels
 
@@ -567,3 +568,33 @@ def tf32_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride
     """The weight gradient of ``tf32_convolution`` for the output gradient ``dy`` (float32, TF32 tensor cores)."""
     return _call(_conv_weight_grad_op, _conv_weight_grad_eager, dy, x, weight_shape, stride, padding, dilation,
                  transposed, output_padding)
+
+
+def _scaled_convolution_eager(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None,
+                              stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    alpha = nvfp4_reference.gemm_alpha(amax_a, amax_b)
+    return cudnn_conv.scaled_convolution(x, weight, alpha, bias, stride, padding, dilation)
+
+
+_scaled_convolution_op = _custom_op("scaled_convolution", _scaled_convolution_eager)
+
+
+@_scaled_convolution_op.register_fake
+def _(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None, stride: list[int],
+      padding: list[int], dilation: list[int]) -> Tensor:
+    shape = cudnn_conv.output_shape(tuple(x.shape), tuple(weight.shape), stride, padding, dilation)
+    return torch.empty(shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
+
+
+def scaled_convolution_available() -> bool:
+    """Does ``scaled_convolution`` run here (the optional cuDNN graph API, ``cudnn_conv``)?"""
+    return cudnn_conv.available()
+
+
+def scaled_convolution(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None,
+                       stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """The forward convolution of two NVFP4 operands' BF16 scaled codes (x [N, Ci, H, W], weight [Co, Ci, kh, kw];
+    groups 1) with TE's epilogue in the kernel: ``bf16(fp32(fp32(acc * alpha) + bias))``, alpha =
+    ``nvfp4.gemm_alpha(amax_a, amax_b)``; channels-last BF16 output (``quant.kernels.cudnn_conv``)."""
+    return _call(_scaled_convolution_op, _scaled_convolution_eager, x, weight, amax_a, amax_b, bias, stride, padding,
+                 dilation)

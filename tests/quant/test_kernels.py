@@ -658,11 +658,20 @@ def _fp32_conv_grads(geo, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     return grad_x, grad_w
 
 
+def _fp32_scaled_conv_fprop(geo, x: torch.Tensor, weight: torch.Tensor, alpha, bias: torch.Tensor | None):
+    """``functional.scaled_conv_fprop`` as the FP32 convolution of the scaled codes and the epilogue pass (what the
+    layers ran before cuDNN's graph API; the GPU test holds that API to it)."""
+    from quant import gemm
+
+    return gemm.finish(geo.convolution(x.float(), weight.float()), alpha, torch.bfloat16, bias, bias_dim=1)
+
+
 @pytest.fixture
 def fast_path_on_cpu(monkeypatch):
     """Runs the CUDA implementation of ``quant.gemm`` / ``quant.functional`` (BF16 operands, fused epilogue, TF32
     convolution ops, saved packed operands, Philox SR counters) on CPU tensors: the kernels in the interpreter, and an
-    order-independent stand-in for ``torch.mm(out_dtype=float32)``, which CPU PyTorch lacks. The reference path's
+    order-independent stand-in for ``torch.mm(out_dtype=float32)``, which CPU PyTorch lacks, and the FP32 convolution
+    plus epilogue for cuDNN's fused forward convolution (``_fp32_scaled_conv_fprop``). The reference path's
     contraction gets the same stand-in, so the two paths must agree bit for bit. Call the returned function to
     switch the dispatch on."""
     from quant import functional, gemm, kernels
@@ -671,6 +680,8 @@ def fast_path_on_cpu(monkeypatch):
                         lambda a, b, alpha, bias, out_dtype: gemm.finish(_f64_gemm(a, b), alpha, out_dtype, bias))
     monkeypatch.setattr(gemm, "rounded_gemm", lambda a, b: _f64_gemm(a, b).to(a.dtype))
     monkeypatch.setattr(functional, "rounded_conv_grads", _fp32_conv_grads)
+    monkeypatch.setattr(functional, "scaled_conv_fprop", _fp32_scaled_conv_fprop)
+    monkeypatch.setattr(kernels.load(), "scaled_convolution_available", lambda: True)
     monkeypatch.setattr(gemm, "_contract", lambda a32, b32, exact: _f64_gemm(a32, b32))
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
 
@@ -1042,6 +1053,45 @@ def test_gpu_scaled_gemm_equals_the_epilogue_of_an_fp32_output_gemm(m, n, k, fus
                            torch.bfloat16, bias)
     ulps = (_int_view(got).int() - _int_view(expected).int()).abs()
     assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 1e-4, (int(ulps.max()), int((ulps > 0).sum()))
+
+
+def _cudnn_graph_api() -> bool:
+    return HAS_GPU_KERNELS and _kernel_ops().scaled_convolution_available()
+
+
+@gpu_test
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("x_shape, co, kernel, stride, padding", [
+    ((4, 64, 28, 28), 64, 3, 1, 1), ((4, 32, 30, 30), 48, 3, 2, 1), ((2, 16, 17, 19), 32, 5, 1, 2),
+    ((2, 128, 7, 7), 256, 3, 1, 1)], ids=["3x3", "3x3-stride2", "5x5-odd", "7px"])
+def test_gpu_scaled_convolution_equals_the_fp32_path(x_shape, co, kernel, stride, padding, bias):
+    """cuDNN's forward convolution with TE's epilogue in the kernel (``scaled_convolution``) == the TF32 convolution
+    into an FP32 accumulator plus the epilogue pass, bit for bit, on scaled codes whose FP32 sums are exact (small
+    multiples of powers of two: every summation order gives the same sum), with alpha not a power of two and a BF16
+    bias; the output is channels-last. On random data the two differ only by summation order: rare last-bit
+    differences."""
+    if not _cudnn_graph_api():
+        pytest.skip("needs the nvidia-cudnn-frontend package (cuDNN's graph API)")
+    ops = _kernel_ops()
+    g = torch.Generator(device="cuda").manual_seed(x_shape[1])
+    channels_last = torch.channels_last
+    x = (torch.randint(-6, 7, x_shape, device="cuda", generator=g).float() * 0.5).bfloat16()
+    w = (torch.randint(-6, 7, (co, x_shape[1], kernel, kernel), device="cuda", generator=g).float() * 0.25).bfloat16()
+    x, w = x.contiguous(memory_format=channels_last), w.contiguous(memory_format=channels_last)
+    amax_a, amax_b = torch.tensor(3.7, device="cuda"), torch.tensor(1.3, device="cuda")
+    b = (torch.randn(co, device="cuda", generator=g) * 4).bfloat16() if bias else None
+    geometry = ([stride, stride], [padding, padding], [1, 1])
+    got = ops.scaled_convolution(x, w, amax_a, amax_b, b, *geometry)
+    acc = ops.tf32_convolution(x.float(), w.float(), *geometry, False, [0, 0])
+    expected = ops.gemm_epilogue(acc, amax_a, amax_b, b, 1, torch.bfloat16)
+    assert got.is_contiguous(memory_format=channels_last)
+    assert_same_bits(got.contiguous(), expected.contiguous(), "fused cuDNN convolution vs FP32 convolution + epilogue")
+    xr = torch.randn(x_shape, device="cuda", generator=g).bfloat16().contiguous(memory_format=channels_last)
+    got = ops.scaled_convolution(xr, w, amax_a, amax_b, b, *geometry).float()
+    expected = ops.gemm_epilogue(ops.tf32_convolution(xr.float(), w.float(), *geometry, False, [0, 0]), amax_a, amax_b,
+                                 b, 1, torch.bfloat16).float()
+    assert float((got != expected).float().mean()) < 1e-2
+    assert torch.allclose(got, expected, rtol=2**-7, atol=1e-6)
 
 
 @gpu_test
