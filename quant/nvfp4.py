@@ -95,8 +95,9 @@ def _check_tile(tile: object, name: str | None) -> tuple[int, int]:
 
 
 def _f32(value: float, like: Tensor) -> Tensor:
-    """A float32 scalar tensor on `like`'s device (keeps every step a device-side float32 tensor op)."""
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
+    """A float32 scalar tensor on `like`'s device (keeps every step a device-side float32 tensor op). Made by a fill,
+    not copied from the host, so that it can be created inside a CUDA-graph capture."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def global_scales(amax: Tensor) -> tuple[Tensor, Tensor]:
