@@ -712,7 +712,8 @@ class ConvGeometry:
 
     The three contractions take float32 tensors and return float32 sums; on the fast path (``gemm.fast_path``) they
     run on cuDNN with TF32 switched on for the call (``quant.kernels.ops.cudnn_tf32``), which reads the emulation's
-    BF16-representable operands exactly. The backward GEMMs without an epilogue take ``rounded_grads``."""
+    BF16-representable operands exactly. The backward GEMMs without an epilogue take ``rounded_grads``; a Conv2d
+    forward of two NVFP4 operands takes ``scaled_conv_fprop`` where cuDNN's graph API is installed."""
 
     transposed: bool
     stride: tuple[int, int]
