@@ -173,7 +173,8 @@ def _launch_config():
 
 def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> list[dict[str, object]]:
     """Time the main quantization calls under several launch configurations (tile size, warps): the fake-quantize
-    variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR)."""
+    variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR);
+    then the paired X + RHT(X^T) pass under combinations of its two kernels' tiles."""
     from quant.kernels import nvfp4 as nvfp4_kernels
 
     rows = []
@@ -189,24 +190,17 @@ def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> lis
         "QAT operand X^T RHT+SR": lambda: kernel_ops.nvfp4_quantize_scaled(x.t(), rht=True, stochastic=True,
                                                                            seed=seed),
     }
-    for config in configs:
-        previous = nvfp4_kernels.set_launch_config(config)
-        try:
-            for name, call in cases.items():
-                t = measure(replayed(call, device) or call, device, args.warmup, args.reps)
-                rows.append({"case": name, "config": str(config), "timing": t})
-        finally:
-            nvfp4_kernels.set_launch_config(previous)
     seeds = torch.tensor([[1, 0], [2, 0]], dtype=torch.int64, device=device)
     pair_cases = {"pair X + RHT(X^T)": lambda: kernel_ops.nvfp4_quantize_pair(x),
                   "pair dY + RHT(dY^T), SR": lambda: kernel_ops.nvfp4_quantize_pair(x, stochastic=True, seeds=seeds)}
     tiles = [(32, 64), (64, 64), (64, 128), (128, 128), (32, 128)]
-    for amax_tile in tiles:
-        for quantize_tile in tiles:
-            config = nvfp4_kernels.LaunchConfig(pair_amax_tile=amax_tile, pair_quantize_tile=quantize_tile)
+    pair_configs = [nvfp4_kernels.LaunchConfig(pair_amax_tile=amax_tile, pair_quantize_tile=quantize_tile)
+                    for amax_tile in tiles for quantize_tile in tiles]
+    for config_list, case_calls in ((configs, cases), (pair_configs, pair_cases)):
+        for config in config_list:
             previous = nvfp4_kernels.set_launch_config(config)
             try:
-                for name, call in pair_cases.items():
+                for name, call in case_calls.items():
                     t = measure(replayed(call, device) or call, device, args.warmup, args.reps)
                     rows.append({"case": name, "config": str(config), "timing": t})
             finally:

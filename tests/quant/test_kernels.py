@@ -719,6 +719,16 @@ def test_interp_fast_path_layers_equal_the_reference_bit_for_bit(policy, fast_pa
         assert_same_bits(got, expected, f"output/gradient {i}")
 
 
+def _autocast_step(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Forward (BF16 autocast) and backward of a squared-mean loss: the output, the input's and every parameter's
+    gradient."""
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(xi)
+    y.float().square().mean().backward()
+    return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+
 @interp
 @pytest.mark.parametrize("backward", ["full", "dequantized"])
 def test_interp_shared_input_operands_on_the_fast_path_equal_per_layer_and_the_reference(backward, fast_path_on_cpu):
@@ -735,19 +745,11 @@ def test_interp_shared_input_operands_on_the_fast_path_equal_per_layer_and_the_r
     quant.apply(block, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward=backward,
                                                                         disable_stochastic_rounding=True)))
     x = torch.randn(2, 48, 64)
-
-    def step(model: torch.nn.Module) -> list[torch.Tensor]:
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(xi)
-        y.float().square().mean().backward()
-        return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
-
-    reference = step(copy.deepcopy(block))
+    reference = _autocast_step(copy.deepcopy(block), x)
     fast_path_on_cpu()
     with shared_operands.sharing(False):
-        alone = step(copy.deepcopy(block))
-    shared = step(copy.deepcopy(block))
+        alone = _autocast_step(copy.deepcopy(block), x)
+    shared = _autocast_step(copy.deepcopy(block), x)
     for i, (got, one, expected) in enumerate(zip(shared, alone, reference)):
         assert_same_bits(got, one, f"output/gradient {i}, shared vs per layer")
         assert_same_bits(got, expected, f"output/gradient {i}, fast path vs reference")
@@ -782,21 +784,13 @@ def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(kin
     fast_path_on_cpu()
     for layer in quant.quantized_modules(block).values():
         layer.quantizer.prime(x.device)  # both copies below start from the same Philox state
-
-    def step(model: torch.nn.Module) -> list[torch.Tensor]:
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = model(xi)
-        y.float().square().mean().backward()
-        return [y.detach(), xi.grad] + [p.grad for p in model.parameters()]
-
     kernel_ops, calls = _kernel_ops(), []
     pair = kernel_ops.nvfp4_quantize_pair
     monkeypatch.setattr(kernel_ops, "nvfp4_quantize_pair", lambda *a, **kw: calls.append(1) or pair(*a, **kw))
-    paired = step(copy.deepcopy(block))
+    paired = _autocast_step(copy.deepcopy(block), x)
     assert len(calls) == pairs
     monkeypatch.setattr(layer_formats.NVFP4Layer, "quantize_pair", lambda self, *args: None)
-    per_operand = step(copy.deepcopy(block))
+    per_operand = _autocast_step(copy.deepcopy(block), x)
     assert len(calls) == pairs
     for i, (got, expected) in enumerate(zip(paired, per_operand)):
         assert_same_bits(got, expected, f"output/gradient {i}, paired vs per-operand passes (SR on)")
