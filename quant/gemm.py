@@ -94,7 +94,7 @@ class ScaledCodes:
     .nvfp4_quantize_pair``), which writes no packed codes. Only an NVFP4 x NVFP4 GEMM takes it: TE's dequantized
     values are not recoverable bit for bit from the scaled codes (``dense`` refuses)."""
 
-    values: Tensor  # [rows, cols] BF16 scaled codes
+    values: Tensor  # [rows, cols] scaled codes: BF16 (GEMM operand) or float32 (a convolution's dgrad operand)
     amax: Tensor  # float32 scalar
 
 

@@ -18,6 +18,7 @@ workspace from PyTorch's allocator, so CUDA-graph capture works.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ class _Plan:
     workspace_bytes: int
 
 
-_plans: dict[_Geometry, _Plan] = {}
+_plans: dict[_Geometry, _Plan | None] = {}  # None: cuDNN has no engine for this geometry
 _handles: dict[int, object] = {}
 
 
@@ -102,15 +103,23 @@ def _build(key: _Geometry) -> _Plan:
 
 
 def scaled_convolution(x: Tensor, w: Tensor, alpha: Tensor, bias: Tensor | None, stride: list[int],
-                       padding: list[int], dilation: list[int]) -> Tensor:
+                       padding: list[int], dilation: list[int]) -> Tensor | None:
     """``bf16(fp32(fp32(conv(x, w) * alpha) + bias))`` with the convolution accumulated in FP32: x [N, Ci, H, W] and
     w [Co, Ci, kh, kw] BF16 (any strides; the layers pass channels-last), alpha float32 [1] on the device, bias BF16
-    [Co] or None; the output is BF16 [N, Co, OH, OW] in channels-last order."""
+    [Co] or None; the output is BF16 [N, Co, OH, OW] in channels-last order. None when cuDNN has no engine for this
+    geometry (warned once per geometry; the caller then takes the FP32 path)."""
     key = _Geometry(tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(stride),
                     tuple(padding), tuple(dilation), bias is not None, x.device.index or 0)
-    plan = _plans.get(key)
+    if key not in _plans:
+        try:
+            _plans[key] = _build(key)
+        except (cudnn.cudnnGraphNotSupportedError, RuntimeError) as error:
+            warnings.warn(f"cuDNN's graph API cannot run the NVFP4 convolution {key}: {error}; it takes the FP32 "
+                          "convolution and the epilogue pass instead", RuntimeWarning, stacklevel=2)
+            _plans[key] = None
+    plan = _plans[key]
     if plan is None:
-        plan = _plans[key] = _build(key)
+        return None
     out = torch.empty(plan.out_shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
     workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=x.device)
     x_t, w_t, alpha_t, bias_t, out_t = plan.tensors

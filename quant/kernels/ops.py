@@ -573,7 +573,12 @@ def tf32_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride
 def _scaled_convolution_eager(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None,
                               stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     alpha = nvfp4_reference.gemm_alpha(amax_a, amax_b)
-    return cudnn_conv.scaled_convolution(x, weight, alpha, bias, stride, padding, dilation)
+    out = cudnn_conv.scaled_convolution(x, weight, alpha, bias, stride, padding, dilation)
+    if out is None:  # a geometry without a cuDNN engine: the FP32 convolution and the epilogue pass
+        acc = _convolution_eager(x.float(), weight.float(), stride, padding, dilation, False, [0, 0])
+        out = epilogue_kernels.epilogue(acc, amax_a, amax_b, bias, 1, torch.bfloat16)
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 _scaled_convolution_op = _custom_op("scaled_convolution", _scaled_convolution_eager)

@@ -522,6 +522,27 @@ def test_interp_custom_ops_pass_opcheck():
 
 
 @interp
+def test_interp_scaled_convolution_without_a_cudnn_engine_takes_the_fp32_path(monkeypatch):
+    """A geometry cuDNN's graph API cannot run (``cudnn_conv.scaled_convolution`` gives None) is served inside the
+    same op by the FP32 convolution and the epilogue pass, with the channels-last output the op's fake promises
+    (opcheck)."""
+    from quant.kernels import cudnn_conv
+
+    kernel_ops = _kernel_ops()
+    monkeypatch.setattr(cudnn_conv, "scaled_convolution", lambda *args: None)
+    x = (torch.randint(-6, 7, (2, 16, 6, 5)).float() * 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = (torch.randint(-6, 7, (32, 16, 3, 3)).float() * 0.25).bfloat16().contiguous(memory_format=torch.channels_last)
+    amax_a, amax_b, bias = torch.tensor(3.7), torch.tensor(1.3), torch.randn(32).bfloat16()
+    geometry = ([1, 2], [1, 1], [1, 1])
+    got = kernel_ops.scaled_convolution(x, w, amax_a, amax_b, bias, *geometry)
+    acc = kernel_ops.tf32_convolution(x.float(), w.float(), *geometry, False, [0, 0])
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_same_bits(got.contiguous(), kernel_ops.gemm_epilogue(acc, amax_a, amax_b, bias, 1, torch.bfloat16)
+                     .contiguous(), "fallback of the fused convolution")
+    torch.library.opcheck(torch.ops.fp4lab.scaled_convolution.default, (x, w, amax_a, amax_b, bias, *geometry))
+
+
+@interp
 def test_interp_compiled_caller_has_no_graph_break():
     kernel_ops = _kernel_ops()
 
