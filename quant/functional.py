@@ -636,8 +636,8 @@ class _QuantLinearFunction(torch.autograd.Function):
             if q.backward == "full":
                 # X [M, K] or its paired wgrad operand X^T (gemm.ScaledCodes [K, M]); quantized W [N, K] or the weight
                 saved_x, kept_w, seeds = _saved(ctx)
-                paired = q.operand_pair("dgrad_grad", dy, dtype, (_seed(seeds, 0), _seed(seeds, 1))) \
-                    if need_x and need_w else None
+                paired = (q.operand_pair("dgrad_grad", dy, dtype, (_seed(seeds, 0), _seed(seeds, 1)))
+                          if need_x and need_w else None)
                 dy_q, dy_t = (None, None) if paired is None else paired  # dY [M, N] and dY^T [N, M] from one pass
                 if need_x:
                     scaled = q.gemm_operand_dtype("grad", "weight", torch.bfloat16)
@@ -861,9 +861,10 @@ class _QuantConvFunction(torch.autograd.Function):
             keep = q.keeps_dequantized(track, dtype)
             # a pointwise layer's wgrad X^T is its pixel rows transposed: made with X in one pass (``full``)
             pair = track and q.backward == "full" and weight.requires_grad and as_gemm
-            operands = q.operand_pair("fprop_input", _pixels(x_c), dtype) if pair else None
+            x_rows = _pixels(x_c)  # [N*H*W, Ci]
+            operands = q.operand_pair("fprop_input", x_rows, dtype) if pair else None
             xq, xtq = operands if operands is not None else (
-                q.operand("fprop_input", _pixels(x_c), dtype, scaled_dtype=scaled, dequantized_dtype=keep), None)
+                q.operand("fprop_input", x_rows, dtype, scaled_dtype=scaled, dequantized_dtype=keep), None)
             # xq [N*H*W, Ci]; xtq: X^T's wgrad operand [Ci, N*H*W] or None
             wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled,
                            dequantized_dtype=keep)  # [Co, kh*kw*Ci]
@@ -904,16 +905,18 @@ class _QuantConvFunction(torch.autograd.Function):
             if q.backward == "full":
                 # x [N, Ci, H, W] or, pointwise, X^T's paired wgrad operand; quantized W [Co, kh*kw*Ci] or the weight
                 saved_x, kept_w, seeds = _saved(ctx)
+                # [T, Co]: the dgrad operand's rows, and the Conv2d wgrad's dY^T transposed (one layout copy for both)
+                dy_rows = _pixels(dy) if need_x or (need_w and not geo.transposed) else None
                 dy_q = dy_t = None
                 if need_x and need_w and not geo.transposed:  # dY [T, Co] and dY^T [Co, T] from one pass
                     as_gemm = _as_gemm(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype)
-                    paired = q.operand_pair("dgrad_grad", _pixels(dy), dtype, (_seed(seeds, 0), _seed(seeds, 1)),
+                    paired = q.operand_pair("dgrad_grad", dy_rows, dtype, (_seed(seeds, 0), _seed(seeds, 1)),
                                             scaled_dtype=dtype if as_gemm else torch.float32)
                     dy_q, dy_t = (None, None) if paired is None else paired
                 if need_x:
-                    grad_x = _full_dgrad(q, dy, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
+                    grad_x = _full_dgrad(q, dy, dy_rows, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
                 if need_w:
-                    grad_w = _full_wgrad(q, dy, saved_x, ctx.w_shape, dtype, geo, _seed(seeds, 1), dy_t)
+                    grad_w = _full_wgrad(q, dy, dy_rows, saved_x, ctx.w_shape, dtype, geo, _seed(seeds, 1), dy_t)
             else:
                 saved_x, saved_w = _saved(ctx)
                 x_val, w_val = _forward_values(q, saved_x, saved_w, ctx, geo)
@@ -947,15 +950,15 @@ def _forward_values(q: LayerQuantizer, saved_x: Operand | Tensor, saved_w: Opera
     return x_val, w_val
 
 
-def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
+def _full_dgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
                 seed: Tensor | None, dyq: Operand | None = None) -> Tensor:
-    """dX with dY quantized per output pixel along Co (``dyq`` when a paired pass made it) and W^T along Co per tap
-    ([Ci, kh*kw*Co])."""
+    """dX with dY quantized per output pixel along Co (its rows ``dy_rows`` = ``_pixels(dy)``, or ``dyq`` when a
+    paired pass made it) and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
     as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
     scaled = q.gemm_operand_dtype("grad", "weight", dtype if as_gemm else torch.float32)
     if dyq is None:
-        dyq = q.operand("dgrad_grad", _pixels(dy), dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
+        dyq = q.operand("dgrad_grad", dy_rows, dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
     fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
     wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
@@ -966,14 +969,14 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, kept_w: Operand | Tensor, ctx, ge
     return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)
 
 
-def _full_wgrad(q: LayerQuantizer, dy: Tensor, x: Operand, w_shape: torch.Size, dtype: torch.dtype,
-                geo: ConvGeometry, seed: Tensor | None, dy_t: Operand | None = None) -> Tensor:
-    """dW as a GEMM over tokens: Conv2d tokens = output pixels, ConvTranspose2d tokens = input pixels. ``x``: the
-    saved input, or (pointwise Conv2d) X^T's wgrad operand from the forward's paired pass; ``dy_t``: dY^T's operand
-    when a paired pass made it."""
+def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operand, w_shape: torch.Size,
+                dtype: torch.dtype, geo: ConvGeometry, seed: Tensor | None, dy_t: Operand | None = None) -> Tensor:
+    """dW as a GEMM over tokens: Conv2d tokens = output pixels, ConvTranspose2d tokens = input pixels. ``dy_rows``:
+    ``_pixels(dy)`` (Conv2d; None for ConvTranspose2d, whose dY is unfolded); ``x``: the saved input, or (pointwise
+    Conv2d) X^T's wgrad operand from the forward's paired pass; ``dy_t``: dY^T's operand when a paired pass made it."""
     kernel = (w_shape[2], w_shape[3])
     if not geo.transposed:
-        grad_t = None if dy_t is not None else _pixels(dy).t()  # [Co, T]
+        grad_t = None if dy_t is not None else dy_rows.t()  # [Co, T]
         x_t = x if isinstance(x, gemm.ScaledCodes) else None
         input_t = None if x_t is not None else geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
         a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, x_t))

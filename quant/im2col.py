@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def sliding_grid(size: tuple[int, int], kernel: tuple[int, int], stride: list[int], padding: list[int],
+                 dilation: list[int]) -> tuple[int, int]:
+    """(rows, cols) of the positions a kernel takes over an input of ``size`` (H, W): a convolution's output size."""
+    return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1))
+
+
 def unfold_tokens(t: Tensor, kernel: list[int], positions: list[int], stride: list[int], padding: list[int],
                   dilation: list[int]) -> Tensor:
     """Im2col of t [N, C, H, W] with the given taps: -> contiguous [kh*kw*C, N*P] (rows (kh, kw, C), tokens (n, p)).
@@ -22,7 +28,6 @@ def unfold_tokens(t: Tensor, kernel: list[int], positions: list[int], stride: li
     n, c = t.shape[:2]
     kh, kw = kernel
     cols = F.unfold(t, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C*kh*kw, L]
-    grid_h = (t.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    grid_w = (t.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    grid_h, grid_w = sliding_grid((t.shape[2], t.shape[3]), (kh, kw), stride, padding, dilation)
     cols = cols.view(n, c, kh, kw, grid_h, grid_w)[..., : positions[0], : positions[1]]
     return cols.permute(2, 3, 1, 0, 4, 5).reshape(kh * kw * c, n * positions[0] * positions[1]).contiguous()

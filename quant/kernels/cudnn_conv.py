@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quant import im2col
+
 try:  # the package's import fails without its compiled module or a loadable cuDNN
     import cudnn
 except Exception as error:  # noqa: BLE001 - any import failure means: not available
@@ -69,11 +71,8 @@ _handles: dict[int, object] = {}
 
 def output_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[int], padding: list[int],
                  dilation: list[int]) -> tuple[int, int, int, int]:
-    n, _, h, w = x_shape
-    co, _, kh, kw = w_shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return n, co, oh, ow
+    """[N, Co, OH, OW] of the convolution of x [N, Ci, H, W] by w [Co, Ci, kh, kw]."""
+    return (x_shape[0], w_shape[0], *im2col.sliding_grid(x_shape[2:], w_shape[2:], stride, padding, dilation))
 
 
 def _build(key: _Geometry) -> _Plan:

@@ -108,10 +108,17 @@ def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
         x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
     else:
         x = x.to(tl.float32)
-    a = tl.where(x != x, float("inf"), tl.abs(x))  # NaN -> +inf: the amax is +inf iff a value is not finite
+    _record_amax(x, amax_ptr, flag_ptr, ticket, FLT_MAX)
+
+
+@triton.jit
+def _record_amax(x, amax_ptr, flag_ptr, ticket, FLT_MAX: tl.constexpr):
+    """max |x| of a float32 tile into the amax cell (``atomic_max``); NaN counts as +inf, so the amax is +inf iff a
+    value is not finite, and such a tile leaves ``ticket`` in the check flag (``quant.kernels.checks``)."""
+    a = tl.where(x != x, float("inf"), tl.abs(x))
     tile_max = tl.max(tl.max(a, axis=1), axis=0)
     tl.atomic_max(amax_ptr, tile_max)
-    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)  # quant.kernels.checks
+    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)
 
 
 @triton.jit
@@ -207,19 +214,28 @@ def _quantize_tile(
                  mask=row_ok[:, None] & (scale_cols < KP // 16)[None, :])
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
     value_mask = row_ok[:, None] & (cols < K)[None, :]
+    offsets = rows[:, None] * K + cols[None, :]
+    dequant_factor = (scale * amax) * INV_2688  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688)), [BM, NB]
     if WRITE_VALUES:
         if SCALED_VALUES:  # the GEMM operand e2m1 * s_b, as _decode_kernel computes it from the codes
             factor = scale
-        else:  # TE's dequant: fp32(fp32(s_b * A) * fp32(1/2688))
-            factor = (scale * amax) * INV_2688
-        factor = tl.where(poisoned, float("nan"), factor)  # [BM, NB]: every value of a poisoned tensor is NaN
-        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
-        store_values(out_ptr + rows[:, None] * K + cols[None, :], values, value_mask, OUT_BF16_BITS, NATIVE_BF16)
+        else:
+            factor = dequant_factor
+        _store_blocks(out_ptr + offsets, value_mask, magnitude, negative, factor, poisoned, OUT_BF16_BITS,
+                      NATIVE_BF16, BM, BK)
     if WRITE_DEQUANTIZED:  # TE's dequant as well (the scaled codes went to out_ptr)
-        factor = tl.where(poisoned, float("nan"), (scale * amax) * INV_2688)
-        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
-        store_values(dequantized_ptr + rows[:, None] * K + cols[None, :], values, value_mask, DEQUANTIZED_BF16_BITS,
-                     NATIVE_BF16)
+        _store_blocks(dequantized_ptr + offsets, value_mask, magnitude, negative, dequant_factor, poisoned,
+                      DEQUANTIZED_BF16_BITS, NATIVE_BF16, BM, BK)
+
+
+@triton.jit
+def _store_blocks(ptrs, mask, magnitude, negative, factor, poisoned, OUT_BF16_BITS: tl.constexpr,
+                  NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Store signed E2M1 magnitudes [BM, NB, 16] times their block's factor [BM, NB] as values [BM, BK]; every value
+    of a poisoned tensor is NaN."""
+    factor = tl.where(poisoned, float("nan"), factor)
+    store_values(ptrs, tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK)), mask, OUT_BF16_BITS,
+                 NATIVE_BF16)
 
 
 @triton.jit(do_not_specialize=["M", "ticket", "ticket_t"])
@@ -230,16 +246,8 @@ def _amax_pair_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, amax_t_ptr, fla
     (the RHT along M), each with its own ticket (``_amax_kernel``)."""
     pid_m, pid_k = tile_index(K, BK, False)
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
-    a = x.to(tl.float32)
-    a = tl.where(a != a, float("inf"), tl.abs(a))
-    tile_max = tl.max(tl.max(a, axis=1), axis=0)
-    tl.atomic_max(amax_ptr, tile_max)
-    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_max > FLT_MAX)
-    rotated = rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16)  # [BK, BM]
-    rotated = tl.where(rotated != rotated, float("inf"), tl.abs(rotated))
-    tile_max_t = tl.max(tl.max(rotated, axis=1), axis=0)
-    tl.atomic_max(amax_t_ptr, tile_max_t)
-    tl.atomic_min(flag_ptr, ticket_t.to(tl.int64), mask=tile_max_t > FLT_MAX)
+    _record_amax(x.to(tl.float32), amax_ptr, flag_ptr, ticket, FLT_MAX)
+    _record_amax(rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16), amax_t_ptr, flag_ptr, ticket_t, FLT_MAX)
 
 
 @triton.jit(do_not_specialize=["M"])
