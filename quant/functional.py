@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from quant import distributed, gemm, im2col, kernels, layer_formats, nvfp4, shared_operands
+from quant import conv_layout, distributed, gemm, im2col, kernels, layer_formats, nvfp4, shared_operands
 from quant.errors import QuantError
 from quant.gemm import Operand
 from quant.kernels import checks
@@ -712,8 +712,9 @@ class ConvGeometry:
 
     The three contractions take float32 tensors and return float32 sums; on the fast path (``gemm.fast_path``) they
     run on cuDNN with TF32 switched on for the call (``quant.kernels.ops.cudnn_tf32``), which reads the emulation's
-    BF16-representable operands exactly. The backward GEMMs without an epilogue take ``rounded_grads``; a Conv2d
-    forward of two NVFP4 operands takes ``scaled_conv_fprop`` where cuDNN's graph API is installed."""
+    BF16-representable operands exactly. The backward GEMMs without an epilogue take ``rounded_grads``; the forward
+    and the ``full`` input gradient of two NVFP4 operands take ``scaled_conv`` where cuDNN's graph API is
+    installed."""
 
     transposed: bool
     stride: tuple[int, int]
@@ -731,6 +732,18 @@ class ConvGeometry:
     def _args(self) -> tuple[list[int], list[int], list[int], bool, list[int]]:
         return list(self.stride), list(self.padding), list(self.dilation), self.transposed, list(self.output_padding)
 
+    def input_grad_geometry(self, dy_shape: torch.Size, x_shape: torch.Size, kernel: tuple[int, int]
+                            ) -> ConvGeometry:
+        """The geometry of the contraction that gives dX from dY and the module weight: a Conv2d's input gradient is
+        the transposed convolution with the same window (``output_padding`` restores the input rows and columns the
+        stride left out), a ConvTranspose2d's is the plain convolution."""
+        if self.transposed:
+            return ConvGeometry(False, self.stride, self.padding, self.dilation)
+        full = im2col.transposed_grid(tuple(dy_shape[2:]), kernel, list(self.stride), list(self.padding),
+                                      list(self.dilation), [0, 0])
+        left_out = (x_shape[2] - full[0], x_shape[3] - full[1])
+        return ConvGeometry(True, self.stride, self.padding, self.dilation, left_out)
+
     def convolution(self, x: Tensor, weight: Tensor) -> Tensor:
         if gemm.fast_path(x):
             return kernels.load().tf32_convolution(x, weight, *self._args())
@@ -741,19 +754,19 @@ class ConvGeometry:
     def input_grad(self, dy: Tensor, weight: Tensor, x_shape: torch.Size) -> Tensor:
         if gemm.fast_path(dy):
             return kernels.load().tf32_conv_input_grad(dy, weight, list(x_shape), *self._args())
-        placeholder = dy.new_zeros(()).expand(x_shape)
+        unread_x = conv_layout.unread_input(dy, weight.dtype, x_shape)
         return torch.ops.aten.convolution_backward(
-            dy, placeholder, weight, None, self.stride, self.padding, self.dilation, self.transposed,
-            self.output_padding, 1, [True, False, False],
+            dy, unread_x, weight, None, self.stride, self.padding, self.dilation, self.transposed, self.output_padding,
+            1, [True, False, False],
         )[0]
 
     def weight_grad(self, dy: Tensor, x: Tensor, w_shape: torch.Size) -> Tensor:
         if gemm.fast_path(dy):
             return kernels.load().tf32_conv_weight_grad(dy, x, list(w_shape), *self._args())
-        placeholder = dy.new_zeros(()).expand(w_shape)
+        unread_w = conv_layout.unread_weight(dy, w_shape)
         return torch.ops.aten.convolution_backward(
-            dy, x, placeholder, None, self.stride, self.padding, self.dilation, self.transposed,
-            self.output_padding, 1, [False, True, False],
+            dy, x, unread_w, None, self.stride, self.padding, self.dilation, self.transposed, self.output_padding, 1,
+            [False, True, False],
         )[1]
 
     def rounded_grads(self, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool], dtype: torch.dtype
@@ -787,18 +800,17 @@ def _as_gemm(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch
     return geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16)
 
 
-def _fprop_on_cudnn(geo: ConvGeometry, x: Tensor, dtype: torch.dtype) -> bool:
-    """Does this Conv2d's forward run as ``scaled_conv_fprop`` (fast path, BF16 compute, cuDNN's graph API present)?"""
-    return (not geo.transposed and dtype == torch.bfloat16 and gemm.fast_path(x)
-            and kernels.load().scaled_convolution_available())
+def _on_cudnn(t: Tensor, dtype: torch.dtype) -> bool:
+    """Do this layer's NVFP4 x NVFP4 convolutions run as ``scaled_conv`` (fast path, BF16 compute, cuDNN's graph API
+    present)?"""
+    return dtype == torch.bfloat16 and gemm.fast_path(t) and kernels.load().scaled_convolution_available()
 
 
-def scaled_conv_fprop(geo: ConvGeometry, x: Tensor, weight: Tensor, alpha: gemm.Alpha, bias: Tensor | None
-                      ) -> Tensor:
-    """The forward convolution of two NVFP4 operands' BF16 scaled codes with TE's epilogue applied to the FP32
-    accumulator inside cuDNN's kernel (``quant.kernels.cudnn_conv``): ``gemm.finish`` of the FP32 convolution, in one
-    pass. CPU tests of the fast path replace this function."""
-    return kernels.load().scaled_convolution(x, weight, alpha.amax_a, alpha.amax_b, bias, *geo._args()[:3])
+def scaled_conv(geo: ConvGeometry, x: Tensor, weight: Tensor, alpha: gemm.Alpha, bias: Tensor | None) -> Tensor:
+    """The convolution (or, ``geo.transposed``, the transposed convolution) of two NVFP4 operands' BF16 scaled codes
+    with TE's epilogue applied to the FP32 accumulator inside cuDNN's kernel (``quant.kernels.cudnn_conv``):
+    ``gemm.finish`` of the FP32 contraction, in one pass. CPU tests of the fast path replace this function."""
+    return kernels.load().scaled_convolution(x, weight, alpha.amax_a, alpha.amax_b, bias, *geo._args())
 
 
 def rounded_conv_grads(geo: ConvGeometry, dy: Tensor, x: Tensor, weight: Tensor, need: tuple[bool, bool]
@@ -854,7 +866,7 @@ class _QuantConvFunction(torch.autograd.Function):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
             as_gemm = _as_gemm(geo, tuple(w_oi.shape[2:]), x_c, dtype)
-            on_cudnn = not as_gemm and _fprop_on_cudnn(geo, x_c, dtype)
+            on_cudnn = not as_gemm and _on_cudnn(x_c, dtype)
             # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM, and with cuDNN's graph
             # API the others convolve BF16 scaled codes with the epilogue in the kernel
             scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm or on_cudnn else torch.float32)
@@ -874,8 +886,8 @@ class _QuantConvFunction(torch.autograd.Function):
                 y = _unpixels(gemm.mm(xq, wq, dtype, bias_c), (n, w_oi.shape[0], h, w))
             elif on_cudnn and scaled is not None:
                 xs, ws, alpha = gemm.fast_operands(xq, wq, dtype)
-                y = scaled_conv_fprop(geo, _unpixels(xs, x_c.shape), conv_weight_from_matrix(ws, w_oi.shape), alpha,
-                                      bias_c)  # [N, Co, OH, OW], channels-last
+                w_mod = _module_weight(conv_weight_from_matrix(ws, w_oi.shape), geo)
+                y = scaled_conv(geo, _unpixels(xs, x_c.shape), w_mod, alpha, bias_c)  # [N, Co, OH, OW], channels-last
             else:
                 x32, w32, alpha = gemm.prepare(xq, wq, dtype)
                 w_mod = _module_weight(conv_weight_from_matrix(w32, w_oi.shape), geo)
@@ -909,9 +921,8 @@ class _QuantConvFunction(torch.autograd.Function):
                 dy_rows = _pixels(dy) if need_x or (need_w and not geo.transposed) else None
                 dy_q = dy_t = None
                 if need_x and need_w and not geo.transposed:  # dY [T, Co] and dY^T [Co, T] from one pass
-                    as_gemm = _as_gemm(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype)
                     paired = q.operand_pair("dgrad_grad", dy_rows, dtype, (_seed(seeds, 0), _seed(seeds, 1)),
-                                            scaled_dtype=dtype if as_gemm else torch.float32)
+                                            scaled_dtype=_dgrad_scaled_dtype(geo, ctx.w_oi_shape, dy, dtype))
                     dy_q, dy_t = (None, None) if paired is None else paired
                 if need_x:
                     grad_x = _full_dgrad(q, dy, dy_rows, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
@@ -950,13 +961,20 @@ def _forward_values(q: LayerQuantizer, saved_x: Operand | Tensor, saved_w: Opera
     return x_val, w_val
 
 
+def _dgrad_scaled_dtype(geo: ConvGeometry, w_oi_shape: torch.Size, dy: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the ``full`` dgrad's scaled codes: the compute dtype for a GEMM of pixel rows or a convolution on
+    cuDNN's graph API, float32 for the TF32 convolution."""
+    as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
+    return dtype if as_gemm or _on_cudnn(dy, dtype) else torch.float32
+
+
 def _full_dgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
                 seed: Tensor | None, dyq: Operand | None = None) -> Tensor:
     """dX with dY quantized per output pixel along Co (its rows ``dy_rows`` = ``_pixels(dy)``, or ``dyq`` when a
     paired pass made it) and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
     as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
-    scaled = q.gemm_operand_dtype("grad", "weight", dtype if as_gemm else torch.float32)
+    scaled = q.gemm_operand_dtype("grad", "weight", _dgrad_scaled_dtype(geo, w_oi_shape, dy, dtype))
     if dyq is None:
         dyq = q.operand("dgrad_grad", dy_rows, dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
@@ -964,6 +982,11 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor, kept_w: Operand 
     wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
     if as_gemm:
         return _unpixels(gemm.mm(dyq, wq, dtype), ctx.x_shape)
+    if scaled is not None and _on_cudnn(dy, dtype):
+        dys, ws, alpha = gemm.fast_operands(dyq, wq, dtype)
+        w_mod = _module_weight(_from_dgrad_matrix(ws, w_oi_shape), geo)
+        dgrad_geo = geo.input_grad_geometry(dy.shape, ctx.x_shape, tuple(w_oi_shape[2:]))
+        return scaled_conv(dgrad_geo, _unpixels(dys, dy.shape), w_mod, alpha, None)  # channels-last
     dy32, w32, alpha = gemm.prepare(dyq, wq, dtype)
     w_mod = _module_weight(_from_dgrad_matrix(w32, w_oi_shape), geo)
     return gemm.finish(geo.input_grad(_unpixels(dy32, dy.shape), w_mod, ctx.x_shape), alpha, dtype)

@@ -19,6 +19,14 @@ def sliding_grid(size: tuple[int, int], kernel: tuple[int, int], stride: list[in
     return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in (0, 1))
 
 
+def transposed_grid(size: tuple[int, int], kernel: tuple[int, int], stride: list[int], padding: list[int],
+                    dilation: list[int], output_padding: list[int]) -> tuple[int, int]:
+    """(rows, cols) of a transposed convolution's output for an input of ``size``: the largest input size whose
+    ``sliding_grid`` is ``size``, less the rows and columns ``output_padding`` leaves out."""
+    return tuple((size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + output_padding[i] + 1
+                 for i in (0, 1))
+
+
 def unfold_tokens(t: Tensor, kernel: list[int], positions: list[int], stride: list[int], padding: list[int],
                   dilation: list[int]) -> Tensor:
     """Im2col of t [N, C, H, W] with the given taps: -> contiguous [kh*kw*C, N*P] (rows (kh, kw, C), tokens (n, p)).

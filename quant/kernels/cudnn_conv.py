@@ -1,4 +1,4 @@
-"""Forward convolution of two NVFP4 operands with TE's alpha applied to the FP32 accumulator, on cuDNN's graph API.
+"""Convolutions of two NVFP4 operands with TE's alpha applied to the FP32 accumulator, on cuDNN's graph API.
 
 Why: a convolution's NVFP4 GEMM is ``out = bf16(fp32(fp32(acc * alpha) + bias))`` with ``acc`` the FP32 sum of the
 scaled codes' exact products (``quant.gemm``). PyTorch's convolutions write their input dtype, so a BF16 convolution
@@ -9,6 +9,10 @@ convolution on the BF16 scaled codes with FP32 accumulation and applies ``* alph
 result inside the same kernel before the one rounding to BF16: 0.8x to 1.2x the BF16 convolution's time on those
 shapes (1.7x on UNet's 32-channel 256 px layer), and on data whose FP32 sums are exact, the same bits as the
 fallback (``test_gpu_scaled_convolution_equals_the_fp32_path``).
+
+Two directions, one graph each: ``conv_fprop`` (a Conv2d forward, a ConvTranspose2d's input gradient) and
+``conv_dgrad``, the transposed convolution (a ConvTranspose2d forward, a Conv2d's input gradient of the ``full``
+backward, where dY's and W^T's NVFP4 scaled codes meet).
 
 Optional: needs the ``nvidia-cudnn-frontend`` package (its Python graph API over the cuDNN that PyTorch ships; README,
 GPU section). Without it ``available()`` is False and the layers take the TF32 path. One graph is built per
@@ -46,10 +50,12 @@ def unavailable_reason() -> str | None:
 
 @dataclass(frozen=True)
 class _Geometry:
+    transposed: bool  # conv_dgrad (the transposed convolution of x by w) instead of conv_fprop
     x_shape: tuple[int, ...]
     x_stride: tuple[int, ...]
     w_shape: tuple[int, ...]
     w_stride: tuple[int, ...]
+    out_shape: tuple[int, int, int, int]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
@@ -70,8 +76,13 @@ _handles: dict[int, object] = {}
 
 
 def output_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[int], padding: list[int],
-                 dilation: list[int]) -> tuple[int, int, int, int]:
-    """[N, Co, OH, OW] of the convolution of x [N, Ci, H, W] by w [Co, Ci, kh, kw]."""
+                 dilation: list[int], transposed: bool = False, output_padding: list[int] = (0, 0)
+                 ) -> tuple[int, int, int, int]:
+    """[N, Co, OH, OW] of the convolution of x [N, Ci, H, W] by w [Co, Ci, kh, kw], or (``transposed``) of the
+    transposed convolution of x by w [Ci, Co, kh, kw]."""
+    if transposed:
+        grid = im2col.transposed_grid(x_shape[2:], w_shape[2:], stride, padding, dilation, output_padding)
+        return (x_shape[0], w_shape[1], *grid)
     return (x_shape[0], w_shape[0], *im2col.sliding_grid(x_shape[2:], w_shape[2:], stride, padding, dilation))
 
 
@@ -84,31 +95,36 @@ def _build(key: _Geometry) -> _Plan:
     x = graph.tensor(name="x", dim=list(key.x_shape), stride=list(key.x_stride), data_type=bf16)
     w = graph.tensor(name="w", dim=list(key.w_shape), stride=list(key.w_stride), data_type=bf16)
     alpha = graph.tensor(name="alpha", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
-    acc = graph.conv_fprop(image=x, weight=w, padding=list(key.padding), stride=list(key.stride),
-                           dilation=list(key.dilation), compute_data_type=fp32)
+    window = {"padding": list(key.padding), "stride": list(key.stride), "dilation": list(key.dilation)}
+    if key.transposed:
+        acc = graph.conv_dgrad(loss=x, filter=w, compute_data_type=fp32, **window)
+        acc.set_dim(list(key.out_shape))  # output_padding: the one size a transposed convolution cannot infer
+    else:
+        acc = graph.conv_fprop(image=x, weight=w, compute_data_type=fp32, **window)
     acc.set_data_type(fp32)
     out = graph.mul(a=acc, b=alpha, compute_data_type=fp32)  # fp32(acc * alpha)
     bias = None
+    n, co, oh, ow = key.out_shape
     if key.has_bias:
-        co = key.w_shape[0]
         bias = graph.tensor(name="bias", dim=[1, co, 1, 1], stride=[co, 1, 1, 1], data_type=bf16)
         out.set_data_type(fp32)
         out = graph.add(a=out, b=bias, compute_data_type=fp32)  # fp32(... + bias), a second rounding
-    n, co, oh, ow = shape = output_shape(key.x_shape, key.w_shape, list(key.stride), list(key.padding),
-                                         list(key.dilation))
     out.set_output(True).set_data_type(bf16).set_stride([co * oh * ow, 1, ow * co, co])  # channels-last
     graph.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    return _Plan(graph, (x, w, alpha, bias, out), shape, max(int(graph.get_workspace_size()), 1))
+    return _Plan(graph, (x, w, alpha, bias, out), key.out_shape, max(int(graph.get_workspace_size()), 1))
 
 
 def scaled_convolution(x: Tensor, w: Tensor, alpha: Tensor, bias: Tensor | None, stride: list[int],
-                       padding: list[int], dilation: list[int]) -> Tensor | None:
+                       padding: list[int], dilation: list[int], transposed: bool = False,
+                       output_padding: list[int] = (0, 0)) -> Tensor | None:
     """``bf16(fp32(fp32(conv(x, w) * alpha) + bias))`` with the convolution accumulated in FP32: x [N, Ci, H, W] and
     w [Co, Ci, kh, kw] BF16 (any strides; the layers pass channels-last), alpha float32 [1] on the device, bias BF16
-    [Co] or None; the output is BF16 [N, Co, OH, OW] in channels-last order. None when cuDNN has no engine for this
-    geometry (warned once per geometry; the caller then takes the FP32 path)."""
-    key = _Geometry(tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), tuple(stride),
-                    tuple(padding), tuple(dilation), bias is not None, x.device.index or 0)
+    [Co] or None; the output is BF16 [N, Co, OH, OW] in channels-last order. ``transposed``: the transposed
+    convolution (``F.conv_transpose2d``'s arithmetic) of x by w [Ci, Co, kh, kw] instead. None when cuDNN has no
+    engine for this geometry (warned once per geometry; the caller then takes the FP32 path)."""
+    out_shape = output_shape(tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed, output_padding)
+    key = _Geometry(transposed, tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), out_shape,
+                    tuple(stride), tuple(padding), tuple(dilation), bias is not None, x.device.index or 0)
     if key not in _plans:
         try:
             _plans[key] = _build(key)

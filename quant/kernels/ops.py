@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from quant import im2col, mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
+from quant import conv_layout, im2col, mxfp4 as mxfp4_reference, nvfp4 as nvfp4_reference, rht as rht_transform
 from quant.errors import check_float_tensor
 from quant.kernels import checks
 from quant.kernels import traced_or_eager as _call
@@ -484,8 +484,8 @@ _convolution_op.register_fake(_convolution)
 
 def _conv_input_grad(dy: Tensor, weight: Tensor, input_shape: list[int], stride: list[int], padding: list[int],
                      dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
-    placeholder = dy.new_zeros(()).expand(input_shape)
-    return torch.ops.aten.convolution_backward(dy, placeholder, weight, None, stride, padding, dilation, transposed,
+    unread_x = conv_layout.unread_input(dy, weight.dtype, input_shape)
+    return torch.ops.aten.convolution_backward(dy, unread_x, weight, None, stride, padding, dilation, transposed,
                                                output_padding, 1, [True, False, False])[0]
 
 
@@ -501,8 +501,8 @@ _conv_input_grad_op.register_fake(_conv_input_grad)
 
 def _conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride: list[int], padding: list[int],
                       dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
-    placeholder = dy.new_zeros(()).expand(weight_shape)
-    return torch.ops.aten.convolution_backward(dy, x, placeholder, None, stride, padding, dilation, transposed,
+    unread_w = conv_layout.unread_weight(dy, weight_shape)
+    return torch.ops.aten.convolution_backward(dy, x, unread_w, None, stride, padding, dilation, transposed,
                                                output_padding, 1, [False, True, False])[1]
 
 
@@ -571,11 +571,13 @@ def tf32_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], stride
 
 
 def _scaled_convolution_eager(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None,
-                              stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+                              stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+                              output_padding: list[int]) -> Tensor:
     alpha = nvfp4_reference.gemm_alpha(amax_a, amax_b)
-    out = cudnn_conv.scaled_convolution(x, weight, alpha, bias, stride, padding, dilation)
+    window = (stride, padding, dilation, transposed, output_padding)
+    out = cudnn_conv.scaled_convolution(x, weight, alpha, bias, *window)
     if out is None:  # a geometry without a cuDNN engine: the FP32 convolution and the epilogue pass
-        acc = _convolution_eager(x.float(), weight.float(), stride, padding, dilation, False, [0, 0])
+        acc = _convolution_eager(x.float(), weight.float(), *window)
         out = epilogue_kernels.epilogue(acc, amax_a, amax_b, bias, 1, torch.bfloat16)
         out = out.contiguous(memory_format=torch.channels_last)
     return out
@@ -586,8 +588,9 @@ _scaled_convolution_op = _custom_op("scaled_convolution", _scaled_convolution_ea
 
 @_scaled_convolution_op.register_fake
 def _(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None, stride: list[int],
-      padding: list[int], dilation: list[int]) -> Tensor:
-    shape = cudnn_conv.output_shape(tuple(x.shape), tuple(weight.shape), stride, padding, dilation)
+      padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int]) -> Tensor:
+    shape = cudnn_conv.output_shape(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, transposed,
+                                    output_padding)
     return torch.empty(shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
 
 
@@ -597,9 +600,11 @@ def scaled_convolution_available() -> bool:
 
 
 def scaled_convolution(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b: Tensor, bias: Tensor | None,
-                       stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """The forward convolution of two NVFP4 operands' BF16 scaled codes (x [N, Ci, H, W], weight [Co, Ci, kh, kw];
-    groups 1) with TE's epilogue in the kernel: ``bf16(fp32(fp32(acc * alpha) + bias))``, alpha =
-    ``nvfp4.gemm_alpha(amax_a, amax_b)``; channels-last BF16 output (``quant.kernels.cudnn_conv``)."""
+                       stride: list[int], padding: list[int], dilation: list[int], transposed: bool = False,
+                       output_padding: list[int] = (0, 0)) -> Tensor:
+    """The convolution of two NVFP4 operands' BF16 scaled codes (x [N, Ci, H, W], weight [Co, Ci, kh, kw]; groups 1)
+    with TE's epilogue in the kernel: ``bf16(fp32(fp32(acc * alpha) + bias))``, alpha =
+    ``nvfp4.gemm_alpha(amax_a, amax_b)``; channels-last BF16 output (``quant.kernels.cudnn_conv``). ``transposed``:
+    the transposed convolution of x by weight [Ci, Co, kh, kw] (``F.conv_transpose2d``'s arithmetic)."""
     return _call(_scaled_convolution_op, _scaled_convolution_eager, x, weight, amax_a, amax_b, bias, stride, padding,
-                 dilation)
+                 dilation, transposed, list(output_padding))

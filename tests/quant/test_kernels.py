@@ -522,21 +522,23 @@ def test_interp_custom_ops_pass_opcheck():
 
 
 @interp
-def test_interp_scaled_convolution_without_a_cudnn_engine_takes_the_fp32_path(monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_interp_scaled_convolution_without_a_cudnn_engine_takes_the_fp32_path(transposed, monkeypatch):
     """A geometry cuDNN's graph API cannot run (``cudnn_conv.scaled_convolution`` gives None) is served inside the
-    same op by the FP32 convolution and the epilogue pass, with the channels-last output the op's fake promises
-    (opcheck)."""
+    same op by the FP32 convolution (or transposed convolution, with an output_padding) and the epilogue pass, with the
+    channels-last output the op's fake promises (opcheck)."""
     from quant.kernels import cudnn_conv
 
     kernel_ops = _kernel_ops()
     monkeypatch.setattr(cudnn_conv, "scaled_convolution", lambda *args: None)
     x = (torch.randint(-6, 7, (2, 16, 6, 5)).float() * 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
-    w = (torch.randint(-6, 7, (32, 16, 3, 3)).float() * 0.25).bfloat16().contiguous(memory_format=torch.channels_last)
+    w_shape = (16, 32, 3, 3) if transposed else (32, 16, 3, 3)
+    w = (torch.randint(-6, 7, w_shape).float() * 0.25).bfloat16().contiguous(memory_format=torch.channels_last)
     amax_a, amax_b, bias = torch.tensor(3.7), torch.tensor(1.3), torch.randn(32).bfloat16()
-    geometry = ([1, 2], [1, 1], [1, 1])
+    geometry = ([1, 2], [1, 1], [1, 1], transposed, [0, 1] if transposed else [0, 0])
     got = kernel_ops.scaled_convolution(x, w, amax_a, amax_b, bias, *geometry)
-    acc = kernel_ops.tf32_convolution(x.float(), w.float(), *geometry, False, [0, 0])
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    acc = kernel_ops.tf32_convolution(x.float(), w.float(), *geometry)
+    assert got.shape == acc.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert_same_bits(got.contiguous(), kernel_ops.gemm_epilogue(acc, amax_a, amax_b, bias, 1, torch.bfloat16)
                      .contiguous(), "fallback of the fused convolution")
     torch.library.opcheck(torch.ops.fp4lab.scaled_convolution.default, (x, w, amax_a, amax_b, bias, *geometry))
@@ -679,9 +681,9 @@ def _fp32_conv_grads(geo, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     return grad_x, grad_w
 
 
-def _fp32_scaled_conv_fprop(geo, x: torch.Tensor, weight: torch.Tensor, alpha, bias: torch.Tensor | None):
-    """``functional.scaled_conv_fprop`` as the FP32 convolution of the scaled codes and the epilogue pass (what the
-    layers ran before cuDNN's graph API; the GPU test holds that API to it)."""
+def _fp32_scaled_conv(geo, x: torch.Tensor, weight: torch.Tensor, alpha, bias: torch.Tensor | None):
+    """``functional.scaled_conv`` as the FP32 convolution (or transposed convolution) of the scaled codes and the
+    epilogue pass (what the layers ran before cuDNN's graph API; the GPU tests hold that API to it)."""
     from quant import gemm
 
     return gemm.finish(geo.convolution(x.float(), weight.float()), alpha, torch.bfloat16, bias, bias_dim=1)
@@ -692,7 +694,7 @@ def fast_path_on_cpu(monkeypatch):
     """Runs the CUDA implementation of ``quant.gemm`` / ``quant.functional`` (BF16 operands, fused epilogue, TF32
     convolution ops, saved packed operands, Philox SR counters) on CPU tensors: the kernels in the interpreter, and an
     order-independent stand-in for ``torch.mm(out_dtype=float32)``, which CPU PyTorch lacks, and the FP32 convolution
-    plus epilogue for cuDNN's fused forward convolution (``_fp32_scaled_conv_fprop``). The reference path's
+    plus epilogue for cuDNN's fused convolutions (``_fp32_scaled_conv``). The reference path's
     contraction gets the same stand-in, so the two paths must agree bit for bit. Call the returned function to
     switch the dispatch on."""
     from quant import functional, gemm, kernels
@@ -701,7 +703,7 @@ def fast_path_on_cpu(monkeypatch):
                         lambda a, b, alpha, bias, out_dtype: gemm.finish(_f64_gemm(a, b), alpha, out_dtype, bias))
     monkeypatch.setattr(gemm, "rounded_gemm", lambda a, b: _f64_gemm(a, b).to(a.dtype))
     monkeypatch.setattr(functional, "rounded_conv_grads", _fp32_conv_grads)
-    monkeypatch.setattr(functional, "scaled_conv_fprop", _fp32_scaled_conv_fprop)
+    monkeypatch.setattr(functional, "scaled_conv", _fp32_scaled_conv)
     monkeypatch.setattr(kernels.load(), "scaled_convolution_available", lambda: True)
     monkeypatch.setattr(gemm, "_contract", lambda a32, b32, exact: _f64_gemm(a32, b32))
     return lambda: monkeypatch.setattr(kernels, "enabled_for", lambda t: isinstance(t, torch.Tensor))
@@ -1076,11 +1078,16 @@ def _cudnn_graph_api() -> bool:
 
 @gpu_test
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("x_shape, co, kernel, stride, padding", [
-    ((4, 64, 28, 28), 64, 3, 1, 1), ((4, 32, 30, 30), 48, 3, 2, 1), ((2, 16, 17, 19), 32, 5, 1, 2),
-    ((2, 128, 7, 7), 256, 3, 1, 1)], ids=["3x3", "3x3-stride2", "5x5-odd", "7px"])
-def test_gpu_scaled_convolution_equals_the_fp32_path(x_shape, co, kernel, stride, padding, bias):
-    """cuDNN's forward convolution with TE's epilogue in the kernel (``scaled_convolution``) == the TF32 convolution
+@pytest.mark.parametrize("x_shape, co, kernel, stride, padding, transposed, output_padding", [
+    ((4, 64, 28, 28), 64, 3, 1, 1, False, 0), ((4, 32, 30, 30), 48, 3, 2, 1, False, 0),
+    ((2, 16, 17, 19), 32, 5, 1, 2, False, 0), ((2, 128, 7, 7), 256, 3, 1, 1, False, 0),
+    ((4, 64, 14, 14), 32, 2, 2, 0, True, 0), ((4, 64, 28, 28), 64, 3, 1, 1, True, 0),
+    ((4, 48, 15, 15), 32, 3, 2, 1, True, 1)],
+    ids=["3x3", "3x3-stride2", "5x5-odd", "7px", "up-2x2", "dgrad-3x3", "dgrad-3x3-stride2"])
+def test_gpu_scaled_convolution_equals_the_fp32_path(x_shape, co, kernel, stride, padding, transposed, output_padding,
+                                                     bias):
+    """cuDNN's convolution with TE's epilogue in the kernel (``scaled_convolution``: conv_fprop, or conv_dgrad for the
+    transposed direction, which serves ConvTranspose2d forwards and Conv2d input gradients) == the TF32 convolution
     into an FP32 accumulator plus the epilogue pass, bit for bit, on scaled codes whose FP32 sums are exact (small
     multiples of powers of two: every summation order gives the same sum), with alpha not a power of two and a BF16
     bias; the output is channels-last. On random data the two differ only by summation order: rare last-bit
@@ -1090,21 +1097,22 @@ def test_gpu_scaled_convolution_equals_the_fp32_path(x_shape, co, kernel, stride
     ops = _kernel_ops()
     g = torch.Generator(device="cuda").manual_seed(x_shape[1])
     channels_last = torch.channels_last
+    w_shape = (x_shape[1], co, kernel, kernel) if transposed else (co, x_shape[1], kernel, kernel)
     x = (torch.randint(-6, 7, x_shape, device="cuda", generator=g).float() * 0.5).bfloat16()
-    w = (torch.randint(-6, 7, (co, x_shape[1], kernel, kernel), device="cuda", generator=g).float() * 0.25).bfloat16()
+    w = (torch.randint(-6, 7, w_shape, device="cuda", generator=g).float() * 0.25).bfloat16()
     x, w = x.contiguous(memory_format=channels_last), w.contiguous(memory_format=channels_last)
     amax_a, amax_b = torch.tensor(3.7, device="cuda"), torch.tensor(1.3, device="cuda")
     b = (torch.randn(co, device="cuda", generator=g) * 4).bfloat16() if bias else None
-    geometry = ([stride, stride], [padding, padding], [1, 1])
+    geometry = ([stride, stride], [padding, padding], [1, 1], transposed, [output_padding, output_padding])
     got = ops.scaled_convolution(x, w, amax_a, amax_b, b, *geometry)
-    acc = ops.tf32_convolution(x.float(), w.float(), *geometry, False, [0, 0])
+    acc = ops.tf32_convolution(x.float(), w.float(), *geometry)
     expected = ops.gemm_epilogue(acc, amax_a, amax_b, b, 1, torch.bfloat16)
-    assert got.is_contiguous(memory_format=channels_last)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=channels_last)
     assert_same_bits(got.contiguous(), expected.contiguous(), "fused cuDNN convolution vs FP32 convolution + epilogue")
     xr = torch.randn(x_shape, device="cuda", generator=g).bfloat16().contiguous(memory_format=channels_last)
     got = ops.scaled_convolution(xr, w, amax_a, amax_b, b, *geometry).float()
-    expected = ops.gemm_epilogue(ops.tf32_convolution(xr.float(), w.float(), *geometry, False, [0, 0]), amax_a, amax_b,
-                                 b, 1, torch.bfloat16).float()
+    expected = ops.gemm_epilogue(ops.tf32_convolution(xr.float(), w.float(), *geometry), amax_a, amax_b, b, 1,
+                                 torch.bfloat16).float()
     assert float((got != expected).float().mean()) < 1e-2
     assert torch.allclose(got, expected, rtol=2**-7, atol=1e-6)
 
