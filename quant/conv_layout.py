@@ -1,4 +1,5 @@
-"""The placeholder tensors of one-sided ``aten.convolution_backward`` calls, shared by the reference and kernel paths.
+"""Memory-format rules of the convolution calls: placeholders of one-sided ``aten.convolution_backward`` calls
+(shared by the reference and kernel paths) and dY's layout for cuDNN.
 
 Why a module: an input-gradient-only call still takes an ``input`` and a weight-gradient-only call a ``weight``. They
 are read for size, dtype and memory format only, but the memory format matters. cuDNN first converts dY to the
@@ -13,11 +14,22 @@ import torch
 from torch import Tensor
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Is t a 4-D tensor laid out channels-last, and not also NCHW-contiguous?"""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def unread_input(dy: Tensor, dtype: torch.dtype, input_shape: list[int] | torch.Size) -> Tensor:
     """An uninitialised ``input`` of ``input_shape`` in dY's memory format (allocated, never written: no kernel)."""
-    channels_last = dy.dim() == 4 and dy.is_contiguous(memory_format=torch.channels_last) and not dy.is_contiguous()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = torch.channels_last if is_channels_last(dy) else torch.contiguous_format
     return torch.empty(tuple(input_shape), dtype=dtype, device=dy.device, memory_format=layout)
+
+
+def as_convolved(dy: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """dY in the layout cuDNN convolves x and weight in (channels-last when either is). Converted once here, an NCHW dY
+    (e.g. from a GroupNorm's backward) is not converted again by each of the two one-sided backward calls."""
+    channels_last = is_channels_last(x) or is_channels_last(weight)
+    return dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def unread_weight(dy: Tensor, weight_shape: list[int] | torch.Size) -> Tensor:

@@ -122,6 +122,7 @@ def scaled_convolution(x: Tensor, w: Tensor, alpha: Tensor, bias: Tensor | None,
     [Co] or None; the output is BF16 [N, Co, OH, OW] in channels-last order. ``transposed``: the transposed
     convolution (``F.conv_transpose2d``'s arithmetic) of x by w [Ci, Co, kh, kw] instead. None when cuDNN has no
     engine for this geometry (warned once per geometry; the caller then takes the FP32 path)."""
+    w = w.contiguous(memory_format=torch.channels_last)  # KRSC: engines decline some other filter layouts (dgrad)
     out_shape = output_shape(tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed, output_padding)
     key = _Geometry(transposed, tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), out_shape,
                     tuple(stride), tuple(padding), tuple(dilation), bias is not None, x.device.index or 0)
