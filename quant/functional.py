@@ -818,7 +818,6 @@ def rounded_conv_grads(geo: ConvGeometry, dy: Tensor, x: Tensor, weight: Tensor,
     """``ConvGeometry.rounded_grads`` on the fast path: cuDNN convolutions of BF16 tensors writing BF16. CPU tests of
     the fast path replace this function."""
     ops = kernels.load()
-    dy = conv_layout.as_convolved(dy, x, weight)
     grad_x = ops.rounded_conv_input_grad(dy, weight, list(x.shape), *geo._args()) if need[0] else None
     grad_w = ops.rounded_conv_weight_grad(dy, x, list(weight.shape), *geo._args()) if need[1] else None
     return grad_x, grad_w
