@@ -28,7 +28,7 @@ from quant.kernels import checks
 from quant.kernels import traced_or_eager as _call
 from quant.kernels import cudnn_conv
 from quant.kernels import epilogue as epilogue_kernels, mxfp4 as mxfp4_kernels, nvfp4 as nvfp4_kernels
-from quant.kernels import scaled_mm as scaled_mm_kernels
+from quant.kernels import scaled_mm as scaled_mm_kernels, unfold as unfold_kernels
 
 _SEED_HIGH = 1 << 62
 NAMESPACE = "fp4lab"
@@ -539,15 +539,16 @@ def rounded_conv_weight_grad(dy: Tensor, x: Tensor, weight_shape: list[int], str
                  transposed, output_padding)
 
 
-_conv_unfold_op = _custom_op("conv_unfold", im2col.unfold_tokens)
+_conv_unfold_op = _custom_op("conv_unfold", unfold_kernels.unfold_tokens)
 _conv_unfold_op.register_fake(im2col.unfold_tokens)
 
 
 def conv_unfold(t: Tensor, kernel: list[int], positions: list[int], stride: list[int], padding: list[int],
                 dilation: list[int]) -> Tensor:
-    """``quant.im2col.unfold_tokens`` as one opaque node under torch.compile (Inductor's own lowering of unfold +
-    permute + copy is a slow gather kernel; ATen's im2col and copy are several times faster)."""
-    return _call(_conv_unfold_op, im2col.unfold_tokens, t, kernel, positions, stride, padding, dilation)
+    """``quant.im2col.unfold_tokens`` by the Triton kernel (``quant.kernels.unfold``: one pass into the final
+    layout), as one opaque node under torch.compile (Inductor's own lowering of unfold + permute + copy is a slow
+    gather kernel)."""
+    return _call(_conv_unfold_op, unfold_kernels.unfold_tokens, t, kernel, positions, stride, padding, dilation)
 
 
 def tf32_convolution(x: Tensor, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int],

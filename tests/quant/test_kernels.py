@@ -544,6 +544,44 @@ def test_interp_scaled_convolution_without_a_cudnn_engine_takes_the_fp32_path(tr
     torch.library.opcheck(torch.ops.fp4lab.scaled_convolution.default, (x, w, amax_a, amax_b, bias, *geometry))
 
 
+# (x shape [N, C, H, W], kernel, positions or None for the sliding grid, stride, padding, dilation)
+UNFOLD_CASES = [((2, 16, 9, 11), (3, 3), None, (1, 1), (1, 1), (1, 1)),
+                ((3, 40, 12, 10), (3, 3), None, (2, 2), (1, 1), (1, 1)),
+                ((2, 8, 13, 13), (5, 3), None, (1, 2), (2, 1), (2, 1)),
+                ((2, 33, 7, 7), (1, 1), None, (2, 2), (0, 0), (1, 1)),
+                ((2, 24, 6, 6), (2, 2), (3, 3), (2, 2), (0, 0), (1, 1))]  # a ConvTranspose2d's dY over its input
+
+
+def _check_unfold_kernel(device: str) -> None:
+    """``quant.kernels.unfold.unfold_tokens`` == ``quant.im2col.unfold_tokens`` (the specification) exactly, for NCHW,
+    channels-last and strided-view inputs in BF16 and float32, every case of ``UNFOLD_CASES``."""
+    from quant import im2col
+    from quant.kernels import unfold
+
+    for shape, kernel, positions, stride, padding, dilation in UNFOLD_CASES:
+        grid = positions or im2col.sliding_grid(shape[2:], kernel, list(stride), list(padding), list(dilation))
+        args = (list(kernel), list(grid), list(stride), list(padding), list(dilation))
+        for dtype in (torch.bfloat16, torch.float32):
+            base = torch.randn(shape[0], shape[1] + 3, shape[2], shape[3], device=device).to(dtype)
+            for layout, x in (("nchw", base[:, 3:].contiguous()),
+                              ("channels-last", base[:, 3:].contiguous(memory_format=torch.channels_last)),
+                              ("strided view", base[:, 3:])):
+                got = unfold.unfold_tokens(x, *args)
+                expected = im2col.unfold_tokens(x, *args)
+                assert got.shape == expected.shape and got.is_contiguous(), (shape, layout)
+                assert torch.equal(got, expected), (shape, kernel, stride, padding, dilation, dtype, layout)
+
+
+@interp
+def test_interp_unfold_kernel_equals_unfold_tokens():
+    _check_unfold_kernel("cpu")
+
+
+@gpu_test
+def test_gpu_unfold_kernel_equals_unfold_tokens():
+    _check_unfold_kernel("cuda")
+
+
 @interp
 def test_interp_compiled_caller_has_no_graph_break():
     kernel_ops = _kernel_ops()
