@@ -6,8 +6,8 @@ input's format, then to the format it convolves in (channels-last when dY or W i
 NCHW, which cost two layout copies of a channels-last dY per call (ResNet-50 ``dequantized`` on an H200: 4 ms of a
 16 ms step, 2026-11-26). On CPU the format picks the algorithm, hence the FP32 summation order, so the reference
 (``quant.functional.ConvGeometry``) and the kernel path (``quant.kernels.ops``) must build the same placeholders.
-Converting an NCHW dY once to channels-last before both calls was tried: it helped eager steps but cost 1.3 ms of a
-compiled UNet step (14.2 -> 15.5 ms, H200), where Inductor picks dY's layout, so dY is passed as it comes.
+Converting an NCHW dY once to channels-last before both calls was tried: it cost 1.3 ms of a compiled UNet step
+(14.2 -> 15.5 ms, H200, A/B in one run), where Inductor picks dY's layout, so dY is passed as it comes.
 """
 from __future__ import annotations
 

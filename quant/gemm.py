@@ -35,10 +35,10 @@ Two implementations of that arithmetic, selected per call by the device of the o
   kept in FP32 (``rounded_gemm``). FP32 operands (32-true runs) go to the float32 matmul and ``finish``.
   Convolutions take float32 operands and run on cuDNN with TF32 switched on locally (``kernels.ops.cudnn_tf32``):
   TF32 reads BF16-representable values exactly, so this is the FP32 convolution's arithmetic at tensor-core speed;
-  their epilogue is the ``quant.kernels.epilogue`` pass. Conv2d forwards of two NVFP4 operands instead run on cuDNN's
-  graph API when it is installed, BF16 scaled codes in and the epilogue inside the kernel
-  (``quant.functional.scaled_conv_fprop``, ``quant.kernels.cudnn_conv``). The two paths differ only in the FP32
-  summation order chosen by the GEMM / convolution implementation.
+  their epilogue is the ``quant.kernels.epilogue`` pass. Convolutions of two NVFP4 operands (Conv2d and
+  ConvTranspose2d forwards, the ``full`` input gradients) instead run on cuDNN's graph API when it is installed, BF16
+  scaled codes in and the epilogue inside the kernel (``quant.functional.scaled_conv``, ``quant.kernels.cudnn_conv``).
+  The two paths differ only in the FP32 summation order chosen by the GEMM / convolution implementation.
 
 The output dtype is the compute dtype (BF16 under bf16 autocast, FP32 in 32-true runs); TE's FP4 GEMM has no FP16
 output, so NVFP4 layers never compute in FP16 (checked by ``quant.functional``). FP32 operands (32-true runs) are

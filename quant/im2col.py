@@ -21,8 +21,8 @@ def sliding_grid(size: tuple[int, int], kernel: tuple[int, int], stride: list[in
 
 def transposed_grid(size: tuple[int, int], kernel: tuple[int, int], stride: list[int], padding: list[int],
                     dilation: list[int], output_padding: list[int]) -> tuple[int, int]:
-    """(rows, cols) of a transposed convolution's output for an input of ``size``: the largest input size whose
-    ``sliding_grid`` is ``size``, less the rows and columns ``output_padding`` leaves out."""
+    """(rows, cols) of a transposed convolution's output for an input of ``size``: the smallest input size whose
+    ``sliding_grid`` is ``size``, plus ``output_padding`` (a stride above 1 maps several input sizes to one grid)."""
     return tuple((size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + output_padding[i] + 1
                  for i in (0, 1))
 
