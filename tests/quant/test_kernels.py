@@ -1120,12 +1120,13 @@ def _cudnn_graph_api() -> bool:
     ((4, 64, 28, 28), 64, 3, 1, 1, False, 0), ((4, 32, 30, 30), 48, 3, 2, 1, False, 0),
     ((2, 16, 17, 19), 32, 5, 1, 2, False, 0), ((2, 128, 7, 7), 256, 3, 1, 1, False, 0),
     ((4, 64, 14, 14), 32, 2, 2, 0, True, 0), ((4, 64, 28, 28), 64, 3, 1, 1, True, 0),
-    ((4, 48, 15, 15), 32, 3, 2, 1, True, 1)],
-    ids=["3x3", "3x3-stride2", "5x5-odd", "7px", "up-2x2", "dgrad-3x3", "dgrad-3x3-stride2"])
+    ((4, 48, 15, 15), 32, 3, 2, 1, True, 1), ((4, 16, 20, 20), 32, 3, 1, 1, True, 0)],
+    ids=["3x3", "3x3-stride2", "5x5-odd", "7px", "up-2x2", "dgrad-3x3", "dgrad-3x3-stride2", "dgrad-16-channels"])
 def test_gpu_scaled_convolution_equals_the_fp32_path(x_shape, co, kernel, stride, padding, transposed, output_padding,
                                                      bias):
     """cuDNN's convolution with TE's epilogue in the kernel (``scaled_convolution``: conv_fprop, or conv_dgrad for the
-    transposed direction, which serves ConvTranspose2d forwards and Conv2d input gradients) == the TF32 convolution
+    transposed direction, which serves ConvTranspose2d forwards and Conv2d input gradients; with 16 reduced channels
+    the op's own FP32 path, ``cudnn_conv._MIN_TRANSPOSED_CHANNELS``) == the TF32 convolution
     into an FP32 accumulator plus the epilogue pass, bit for bit, on scaled codes whose FP32 sums are exact (small
     multiples of powers of two: every summation order gives the same sum), with alpha not a power of two and a BF16
     bias; the output is channels-last. On random data the two differ only by summation order: rare last-bit
