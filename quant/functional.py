@@ -794,16 +794,16 @@ class ConvGeometry:
         return im2col.unfold_tokens(*args)
 
 
-def _as_gemm(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch.dtype) -> bool:
-    """Does this layer's GEMM run as ``gemm.mm`` of pixel rows (``ConvGeometry.pointwise``, on the fast path, in a
-    BF16 or FP16 compute dtype)?"""
-    return geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16)
-
-
-def _on_cudnn(t: Tensor, dtype: torch.dtype) -> bool:
-    """Do this layer's NVFP4 x NVFP4 convolutions run as ``scaled_conv`` (fast path, BF16 compute, cuDNN's graph API
-    present)?"""
-    return dtype == torch.bfloat16 and gemm.fast_path(t) and kernels.load().scaled_convolution_available()
+def _contraction(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """How a layer's forward and ``full`` dgrad contract on t's device, and the dtype of their operands' scaled codes:
+    "gemm" (``ConvGeometry.pointwise`` on the fast path, BF16 or FP16 compute: ``gemm.mm`` of pixel rows), "cudnn"
+    (fast path, BF16 compute, cuDNN's graph API present: ``scaled_conv`` of two NVFP4 operands), else "fp32" (float32
+    convolution and the epilogue)."""
+    if geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16):
+        return "gemm", dtype
+    if dtype == torch.bfloat16 and gemm.fast_path(t) and kernels.load().scaled_convolution_available():
+        return "cudnn", dtype
+    return "fp32", torch.float32
 
 
 def scaled_conv(geo: ConvGeometry, x: Tensor, weight: Tensor, alpha: gemm.Alpha, bias: Tensor | None) -> Tensor:
@@ -865,14 +865,11 @@ class _QuantConvFunction(torch.autograd.Function):
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
-            as_gemm = _as_gemm(geo, tuple(w_oi.shape[2:]), x_c, dtype)
-            on_cudnn = not as_gemm and _on_cudnn(x_c, dtype)
-            # convolutions contract float32; a pointwise layer on the fast path is a BF16 GEMM, and with cuDNN's graph
-            # API the others convolve BF16 scaled codes with the epilogue in the kernel
-            scaled = q.gemm_operand_dtype("input", "weight", dtype if as_gemm or on_cudnn else torch.float32)
+            path, operand_dtype = _contraction(geo, tuple(w_oi.shape[2:]), x_c, dtype)
+            scaled = q.gemm_operand_dtype("input", "weight", operand_dtype)
             keep = q.keeps_dequantized(track, dtype)
             # a pointwise layer's wgrad X^T is its pixel rows transposed: made with X in one pass (``full``)
-            pair = track and q.backward == "full" and weight.requires_grad and as_gemm
+            pair = track and q.backward == "full" and weight.requires_grad and path == "gemm"
             x_rows = _pixels(x_c)  # [N*H*W, Ci]
             operands = q.operand_pair("fprop_input", x_rows, dtype) if pair else None
             xq, xtq = operands if operands is not None else (
@@ -881,10 +878,10 @@ class _QuantConvFunction(torch.autograd.Function):
             wq = q.operand("fprop_weight", conv_weight_matrix(w_oi), dtype, scaled_dtype=scaled,
                            dequantized_dtype=keep)  # [Co, kh*kw*Ci]
             bias_c = None if bias is None else bias.to(dtype)
-            if as_gemm:
+            if path == "gemm":
                 n, _, h, w = x_c.shape
                 y = _unpixels(gemm.mm(xq, wq, dtype, bias_c), (n, w_oi.shape[0], h, w))
-            elif on_cudnn and scaled is not None:
+            elif path == "cudnn" and scaled is not None:
                 xs, ws, alpha = gemm.fast_operands(xq, wq, dtype)
                 w_mod = _module_weight(conv_weight_from_matrix(ws, w_oi.shape), geo)
                 y = scaled_conv(geo, _unpixels(xs, x_c.shape), w_mod, alpha, bias_c)  # [N, Co, OH, OW], channels-last
@@ -922,7 +919,7 @@ class _QuantConvFunction(torch.autograd.Function):
                 dy_q = dy_t = None
                 if need_x and need_w and not geo.transposed:  # dY [T, Co] and dY^T [Co, T] from one pass
                     paired = q.operand_pair("dgrad_grad", dy_rows, dtype, (_seed(seeds, 0), _seed(seeds, 1)),
-                                            scaled_dtype=_dgrad_scaled_dtype(geo, ctx.w_oi_shape, dy, dtype))
+                                            scaled_dtype=_contraction(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype)[1])
                     dy_q, dy_t = (None, None) if paired is None else paired
                 if need_x:
                     grad_x = _full_dgrad(q, dy, dy_rows, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
@@ -961,28 +958,21 @@ def _forward_values(q: LayerQuantizer, saved_x: Operand | Tensor, saved_w: Opera
     return x_val, w_val
 
 
-def _dgrad_scaled_dtype(geo: ConvGeometry, w_oi_shape: torch.Size, dy: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the ``full`` dgrad's scaled codes: the compute dtype for a GEMM of pixel rows or a convolution on
-    cuDNN's graph API, float32 for the TF32 convolution."""
-    as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
-    return dtype if as_gemm or _on_cudnn(dy, dtype) else torch.float32
-
-
 def _full_dgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor, kept_w: Operand | Tensor, ctx, geo: ConvGeometry,
                 seed: Tensor | None, dyq: Operand | None = None) -> Tensor:
     """dX with dY quantized per output pixel along Co (its rows ``dy_rows`` = ``_pixels(dy)``, or ``dyq`` when a
     paired pass made it) and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
-    as_gemm = _as_gemm(geo, tuple(w_oi_shape[2:]), dy, dtype)
-    scaled = q.gemm_operand_dtype("grad", "weight", _dgrad_scaled_dtype(geo, w_oi_shape, dy, dtype))
+    path, operand_dtype = _contraction(geo, tuple(w_oi_shape[2:]), dy, dtype)
+    scaled = q.gemm_operand_dtype("grad", "weight", operand_dtype)
     if dyq is None:
         dyq = q.operand("dgrad_grad", dy_rows, dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]
     to_dgrad = lambda m: _dgrad_matrix(conv_weight_from_matrix(m, w_oi_shape))  # noqa: E731
     fprop_matrix = lambda w: conv_weight_matrix(_w_oi(w, geo))  # noqa: E731
     wq = q.dgrad_weight(kept_w, fprop_matrix, to_dgrad, dtype, scaled)  # [Ci, kh*kw*Co]
-    if as_gemm:
+    if path == "gemm":
         return _unpixels(gemm.mm(dyq, wq, dtype), ctx.x_shape)
-    if scaled is not None and _on_cudnn(dy, dtype):
+    if path == "cudnn" and scaled is not None:
         dys, ws, alpha = gemm.fast_operands(dyq, wq, dtype)
         w_mod = _module_weight(_from_dgrad_matrix(ws, w_oi_shape), geo)
         dgrad_geo = geo.input_grad_geometry(dy.shape, ctx.x_shape, tuple(w_oi_shape[2:]))

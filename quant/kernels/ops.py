@@ -577,7 +577,7 @@ def _scaled_convolution_eager(x: Tensor, weight: Tensor, amax_a: Tensor, amax_b:
     alpha = nvfp4_reference.gemm_alpha(amax_a, amax_b)
     window = (stride, padding, dilation, transposed, output_padding)
     out = cudnn_conv.scaled_convolution(x, weight, alpha, bias, *window)
-    if out is None:  # a geometry without a cuDNN engine: the FP32 convolution and the epilogue pass
+    if out is None:  # no cuDNN engine, or a shape its fused kernel serves slower: FP32 convolution + epilogue
         acc = _convolution_eager(x.float(), weight.float(), *window)
         out = epilogue_kernels.epilogue(acc, amax_a, amax_b, bias, 1, torch.bfloat16)
         out = out.contiguous(memory_format=torch.channels_last)
