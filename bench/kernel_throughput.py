@@ -7,6 +7,11 @@ floor / rceil fake-quantize) on one large tensor per dtype, measured side by sid
   Python and launch cost stay out; 10th-90th percentile spread; the copy is timed the same way), effective bandwidth
   = the fewest bytes the operation must move (input read once, output written once; the global-amax pass is not
   counted, it is part of the cost) / time, and that bandwidth as a fraction of a ``copy_`` of the same tensor;
+* for the NVFP4 fake-quantize variants, the fused quantize-dequantize pass alone (``quant.kernels.nvfp4.quantize_2d``
+  with the global amax computed beforehand, outside the timing) as a fraction of the copy: the whole call is that
+  pass plus the amax reduction's read of the tensor, which a per-tensor scale needs first (SPEC 1.2 step 1), so the
+  whole call cannot pass about 2/3 of a copy's bandwidth (it moves 3 tensor-sizes to the copy's 2); MXFP4 has no
+  per-tensor scale and is one pass;
 * the reference (``quant.nvfp4`` / ``quant.mxfp4`` with the kernels disabled) in eager mode and, for the BF16 input
   of the variants in ``--compile-variants``, under ``torch.compile``; the kernel's speed-up over each;
 * whether the kernel's bytes equal the reference's (round-to-nearest variants; SR is statistical).
@@ -38,6 +43,7 @@ class Variant:
     kernel: Callable[[Tensor], object]
     reference: Callable[[Tensor], object]
     bytes_moved: Callable[[Tensor], int]  # fewest bytes: input read + output written
+    fused_pass: Callable[[Tensor], Callable[[], object]] | None = None  # x -> the quantize pass with x's amax known
 
 
 COMPILED_BY_DEFAULT = ("nvfp4 1x16 fake-quant", "nvfp4 16x16 fake-quant", "nvfp4 RHT+SR fake-quant")
@@ -62,11 +68,27 @@ def _reference_pair(x: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Ten
             (columnwise.amax.reshape(()), nvfp4.scaled_codes(columnwise, x.dtype)))
 
 
+def _nvfp4_fused_pass(tile_rows: int, rht: bool, stochastic: bool) -> Callable[[Tensor], Callable[[], object]]:
+    """x -> a call of the fake-quantize's second kernel alone (``quantize_2d``), its global amax computed now."""
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    def prepare(x: Tensor) -> Callable[[], object]:
+        flag = torch.full((1,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=x.device)
+        amax = nvfp4_kernels.global_amax(x, rht, flag, 1)
+        seed = torch.tensor([1, 0], dtype=torch.int64, device=x.device) if stochastic else None
+        return lambda: nvfp4_kernels.quantize_2d(x, amax, tile_rows, rht, seed, False, x.dtype)
+
+    return prepare
+
+
 def variants(kernel_ops, generator: torch.Generator) -> list[Variant]:
     """The measured operations; ``kernel_ops`` is ``quant.kernels.ops`` (None: only the reference columns run)."""
-    def nv(**kw):
-        return (lambda x: kernel_ops.nvfp4_fake_quantize(x, generator=generator, **kw),
-                lambda x: nvfp4.fake_quantize(x, generator=generator, **kw))
+    def nv(tile=(1, 16), rht=False, stochastic=False):
+        kw = dict(tile=tile, rht=rht, stochastic=stochastic)
+        fused_pass = None if kernel_ops is None else _nvfp4_fused_pass(tile[0], rht, stochastic)
+        return dict(kernel=lambda x: kernel_ops.nvfp4_fake_quantize(x, generator=generator, **kw),
+                    reference=lambda x: nvfp4.fake_quantize(x, generator=generator, **kw),
+                    bytes_moved=_fake_quant_bytes, fused_pass=fused_pass)
 
     def mx(rule):
         return lambda x: kernel_ops.mxfp4_fake_quantize(x, rule), lambda x: mxfp4.fake_quantize(x, rule)
@@ -85,11 +107,11 @@ def variants(kernel_ops, generator: torch.Generator) -> list[Variant]:
         return nvfp4.dequantize(reference_codes[id(x)], x.dtype)
 
     return [
-        Variant("nvfp4 1x16 fake-quant", False, True, *nv(), _fake_quant_bytes),
-        Variant("nvfp4 16x16 fake-quant", False, True, *nv(tile=(16, 16)), _fake_quant_bytes),
-        Variant("nvfp4 1x16 SR fake-quant", False, False, *nv(stochastic=True), _fake_quant_bytes),
-        Variant("nvfp4 1x16 RHT fake-quant", True, True, *nv(rht=True), _fake_quant_bytes),
-        Variant("nvfp4 RHT+SR fake-quant", True, False, *nv(rht=True, stochastic=True), _fake_quant_bytes),
+        Variant("nvfp4 1x16 fake-quant", False, True, **nv()),
+        Variant("nvfp4 16x16 fake-quant", False, True, **nv(tile=(16, 16))),
+        Variant("nvfp4 1x16 SR fake-quant", False, False, **nv(stochastic=True)),
+        Variant("nvfp4 1x16 RHT fake-quant", True, True, **nv(rht=True)),
+        Variant("nvfp4 RHT+SR fake-quant", True, False, **nv(rht=True, stochastic=True)),
         Variant("nvfp4 quantize (codes)", False, True, lambda x: kernel_ops.nvfp4_quantize(x), nvfp4.quantize,
                 _codes_bytes),
         Variant("nvfp4 dequantize", False, True, decode_kernel, decode_reference, _codes_bytes),
@@ -147,6 +169,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 kernel_t = measure(replay or kernel_call, device, args.warmup, args.reps)
                 gbps = variant.bytes_moved(x) / kernel_t.median_ms / 1e6
                 row.update(kernel=kernel_t, GBps=gbps, copy_fraction=gbps / copy_gbps)
+                if variant.fused_pass is not None:
+                    pass_call = variant.fused_pass(x)
+                    pass_t = measure(replayed(pass_call, device) or pass_call, device, args.warmup, args.reps)
+                    row.update(fused_pass=pass_t, fused_pass_copy_fraction=copy.median_ms / pass_t.median_ms)
             with kernels.disabled():
                 row["reference_eager"] = measure(lambda: variant.reference(x), device, args.warmup_ref, args.reps_ref)
                 if args.compile and dtype == torch.bfloat16 and variant.name in args.compile_variants.split(","):
@@ -213,14 +239,16 @@ def report(result: dict[str, object]) -> str:
     lines = [f"device: {env.get('gpu', env.get('cpu'))}  torch {env['torch']}  triton {env['triton']}  {env['date']}"]
     for dtype, copy in result["copies"].items():
         lines.append(f"copy {dtype}: {copy['timing'].median_ms:.3f} ms ({copy['GBps']:.0f} GB/s read+write)")
-    header = ["variant", "dtype", "kernel ms", "p10-p90", "GB/s", "% copy", "ref eager", "ref compiled",
-              "x eager", "x compiled", "exact", "kernel timed as"]
+    header = ["variant", "dtype", "kernel ms", "p10-p90", "GB/s", "% copy", "pass ms", "pass % copy", "ref eager",
+              "ref compiled", "x eager", "x compiled", "exact", "kernel timed as"]
     rows = []
     for r in result["rows"]:
         k = r.get("kernel")
         rows.append([r["variant"], r["dtype"], _ms(k), k.spread() if k else None,
                      f"{r['GBps']:.0f}" if "GBps" in r else None,
                      f"{100 * r['copy_fraction']:.0f}%" if "copy_fraction" in r else None,
+                     _ms(r.get("fused_pass")),
+                     f"{100 * r['fused_pass_copy_fraction']:.0f}%" if "fused_pass_copy_fraction" in r else None,
                      _ms(r.get("reference_eager")), _ms(r.get("reference_compiled")),
                      f"{r['speedup_vs_eager']:.1f}" if "speedup_vs_eager" in r else None,
                      f"{r['speedup_vs_compiled']:.1f}" if "speedup_vs_compiled" in r else None,

@@ -16,9 +16,16 @@ import triton.language as tl
 from torch import Tensor
 
 from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
-from quant.kernels.rounding import e2m1_code_value, e2m1_rne, exp2i, store_values, with_sign
+from quant.kernels.rounding import e2m1_code_value, e2m1_rne, exp2i, sign_bit, store_values, with_sign_bit
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    """Combine function of a block max that a NaN wins (``tl.max`` would drop it): one max per element finds both the
+    block's amax and whether the block is poisoned."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -60,13 +67,13 @@ def _mxfp4_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k,
                 mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
     blocks = tl.reshape(x, (BM, NB, 32))
-    block_amax = tl.max(tl.abs(blocks), axis=2)  # [BM, NB]; NaN handled through `finite` below
-    finite = tl.max(tl.where(blocks != blocks, float("inf"), tl.abs(blocks)), axis=2)  # +inf iff NaN/Inf in block
-    poisoned = finite > 3.4028234663852886e38
-    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tl.max(tl.max(finite, axis=1), axis=0) > 3.4028234663852886e38)
+    block_amax = tl.reduce(tl.abs(blocks), 2, _max_keeping_nan)  # [BM, NB]; NaN iff a NaN is in the block
+    poisoned = (block_amax != block_amax) | (block_amax > 3.4028234663852886e38)  # NaN or Inf in the block
+    tile_poisoned = tl.max(tl.max(poisoned.to(tl.int32), axis=1), axis=0) > 0
+    tl.atomic_min(flag_ptr, ticket.to(tl.int64), mask=tile_poisoned)
 
     positive = block_amax > 0.0
-    safe_amax = tl.where(positive & (finite <= 3.4028234663852886e38), block_amax, 1.0)
+    safe_amax = tl.where(positive & ~poisoned, block_amax, 1.0)
     if RCEIL:
         descale = tl.div_rn(safe_amax, 6.0 + tl.zeros_like(safe_amax))
         exponent = _floor_log2(descale) + tl.where(_is_power_of_two(descale), 0, 1)
@@ -76,9 +83,9 @@ def _mxfp4_kernel(
 
     y = blocks * exp2i(-exponent)[:, :, None]  # exact; -exponent <= 126 for finite data
     magnitude, index = e2m1_rne(tl.abs(y))
-    negative = y < 0.0
+    sign = sign_bit(y)  # uint32: 1 << 31 where y < 0
     if WRITE_CODES:
-        code = tl.reshape(tl.where(negative, index | 8, index), (BM, BK // 2, 2))
+        code = tl.reshape(index | (sign >> 28).to(tl.int32), (BM, BK // 2, 2))
         low, high = tl.split(code)
         pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
         tl.store(codes_ptr + rows[:, None] * (KP // 2) + pairs[None, :], (low | (high << 4)).to(tl.uint8),
@@ -89,9 +96,13 @@ def _mxfp4_kernel(
                  mask=row_ok[:, None] & (scale_cols < KP // 32)[None, :])
     if WRITE_VALUES:
         factor = tl.where(poisoned, float("nan"), _exp2i_wide(exponent))  # [BM, NB]
-        values = tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK))
-        store_values(out_ptr + rows[:, None] * K + cols[None, :], values, row_ok[:, None] & (cols < K)[None, :],
-                     OUT_BF16_BITS, NATIVE_BF16)
+        values = tl.reshape(with_sign_bit(magnitude, sign) * factor[:, :, None], (BM, BK))
+        ptrs = out_ptr + rows[:, None] * K + cols[None, :]
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        if tile_poisoned:  # NaN values: stored as PyTorch's BF16 NaN
+            store_values(ptrs, values, mask, OUT_BF16_BITS, NATIVE_BF16)
+        else:  # finite values: no per-element NaN select
+            store_values(ptrs, values, mask, OUT_BF16_BITS, NATIVE_BF16, True)
 
 
 @triton.jit(do_not_specialize=["M"])

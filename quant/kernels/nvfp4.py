@@ -38,8 +38,9 @@ from quant.kernels.rounding import (
     e4m3_round,
     e4m3_value,
     rht_tile,
+    sign_bit,
     store_values,
-    with_sign,
+    with_sign_bit,
 )
 from quant.nvfp4 import BLOCK, E2M1_X_E4M3, INV_2688, INV_6
 
@@ -198,12 +199,13 @@ def _quantize_tile(
         index = e2m1_index_of_magnitude(magnitude)
     else:
         magnitude, index = e2m1_rne(tl.abs(y))
-    negative = y < 0.0
+    sign = sign_bit(y)  # uint32: 1 << 31 where y < 0
+    signed = with_sign_bit(magnitude, sign)  # the signed grid value, [BM, NB, 16]
 
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < M
     if WRITE_CODES:
-        code = tl.reshape(tl.where(negative, index | 8, index), (BM, BK // 2, 2))
+        code = tl.reshape(index | (sign >> 28).to(tl.int32), (BM, BK // 2, 2))
         low, high = tl.split(code)
         pairs = (pid_k * (BK // 2) + tl.arange(0, BK // 2)).to(tl.int64)
         tl.store(codes_ptr + rows[:, None] * (KP // 2) + pairs[None, :], (low | (high << 4)).to(tl.uint8),
@@ -221,21 +223,22 @@ def _quantize_tile(
             factor = scale
         else:
             factor = dequant_factor
-        _store_blocks(out_ptr + offsets, value_mask, magnitude, negative, factor, poisoned, OUT_BF16_BITS,
-                      NATIVE_BF16, BM, BK)
+        _store_blocks(out_ptr + offsets, value_mask, signed, factor, poisoned, OUT_BF16_BITS, NATIVE_BF16, BM, BK)
     if WRITE_DEQUANTIZED:  # TE's dequant as well (the scaled codes went to out_ptr)
-        _store_blocks(dequantized_ptr + offsets, value_mask, magnitude, negative, dequant_factor, poisoned,
-                      DEQUANTIZED_BF16_BITS, NATIVE_BF16, BM, BK)
+        _store_blocks(dequantized_ptr + offsets, value_mask, signed, dequant_factor, poisoned, DEQUANTIZED_BF16_BITS,
+                      NATIVE_BF16, BM, BK)
 
 
 @triton.jit
-def _store_blocks(ptrs, mask, magnitude, negative, factor, poisoned, OUT_BF16_BITS: tl.constexpr,
-                  NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Store signed E2M1 magnitudes [BM, NB, 16] times their block's factor [BM, NB] as values [BM, BK]; every value
-    of a poisoned tensor is NaN."""
-    factor = tl.where(poisoned, float("nan"), factor)
-    store_values(ptrs, tl.reshape(with_sign(magnitude, negative) * factor[:, :, None], (BM, BK)), mask, OUT_BF16_BITS,
-                 NATIVE_BF16)
+def _store_blocks(ptrs, mask, signed, factor, poisoned, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr):
+    """Store signed E2M1 grid values [BM, NB, 16] times their block's factor [BM, NB] as values [BM, BK];
+    every value of a poisoned tensor is NaN. The poisoned case is a branch of its own, so the values of a clean tensor
+    (finite: a grid value times a finite factor) are stored without a per-element NaN select."""
+    if poisoned:
+        store_values(ptrs, tl.full((BM, BK), float("nan"), tl.float32), mask, OUT_BF16_BITS, NATIVE_BF16)
+    else:
+        store_values(ptrs, tl.reshape(signed * factor[:, :, None], (BM, BK)), mask, OUT_BF16_BITS, NATIVE_BF16, True)
 
 
 @triton.jit(do_not_specialize=["M", "ticket", "ticket_t"])

@@ -63,21 +63,33 @@ def e4m3_value(byte):
 
 
 @triton.jit
-def e2m1_rne(a):
-    """|y| (float32 >= 0, may be +inf) -> (grid magnitude float32, magnitude index int32 0..7): E2M1 round-to-nearest-
-    even with saturation (SPEC 1.3), the bytes of ``numerics.e2m1_encode_rne`` in about a dozen operations.
+def e2m1_unit_bits(a):
+    """Bits (int32) of 2^max(floor(log2 min(a, 6)), 0) for float32 a >= 0 (NaN counts as 6): 1 below 2, 2 on [2, 4),
+    4 from 4 on. The E2M1 grid's step just above a is half of it (0.5, 1, 2): ``unit - (1 << 23)`` is the step's bit
+    pattern and ``0x7F800000 - unit`` its reciprocal's. ``minimum`` returns its non-NaN operand."""
+    return tl.maximum(tl.minimum(a, 6.0).to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000)
 
-    The grid is evenly spaced on each of three ranges (step 0.5 below 2, 1 on [2, 4), 2 on [4, 6]), so one
-    round-half-even of a / step (a power-of-two scaling, exact) lands on it. A tie is a half-integer a / step and goes
-    to the even multiple of the step, which is the grid point with the even code: 0.25, 1.25, 2.5, 5 round down and
-    0.75, 1.75, 3.5 up, SPEC's tie table. Clamping to 6 first (``a < 6`` is false for NaN and +inf, which therefore
-    saturate like the hardware's satfinite) keeps r <= 3 on the top range."""
-    a = tl.where(a < 6.0, a, 6.0)
-    below2 = a < 2.0
-    below4 = a < 4.0
-    r = round_half_even(a * tl.where(below2, 2.0, tl.where(below4, 1.0, 0.5)))  # integer-valued, 0..4
-    magnitude = r * tl.where(below2, 0.5, tl.where(below4, 1.0, 2.0))
-    index = r.to(tl.int32) + tl.where(below2, 0, tl.where(below4, 2, 4))
+
+@triton.jit
+def e2m1_rne(a):
+    """|y| (float32 >= 0, may be +inf or NaN) -> (grid magnitude float32, magnitude index int32 0..7): E2M1
+    round-to-nearest-even with saturation (SPEC 1.3), the bytes of ``numerics.e2m1_encode_rne`` in six operations
+    (and three more for the index), most of them on the FMA pipe.
+
+    The grid is evenly spaced on each of three ranges: step s = 0.5 below 2, 1 on [2, 4), 2 on [4, 6]
+    (``e2m1_unit_bits``). With C = s * 2^23 the sum a + C lies in [C, 2C), where float32's spacing is exactly s, so the
+    one IEEE addition a + C rounds a to the nearest multiple of s, ties to the even multiple, and (a + C) - C is exact.
+    The even multiple of the step is the grid point with the even code: 0.25, 1.25, 2.5, 5 round down and 0.75, 1.75,
+    3.5 up, SPEC's tie table. a is clamped to 6 first (NaN and +inf saturate like the hardware's satfinite), which
+    also keeps a / s <= 3 on the top range. The index is the number of steps above C (the bits of a + C less C's)
+    plus 2 * max(floor(log2 a), 0)."""
+    a = tl.minimum(a, 6.0)
+    unit = e2m1_unit_bits(a)
+    magic_bits = unit + (22 << 23)  # C = 2^22 * unit = s * 2^23
+    magic = magic_bits.to(tl.float32, bitcast=True)
+    shifted = a + magic  # rounded to a multiple of s (RNE)
+    magnitude = shifted - magic
+    index = (shifted.to(tl.int32, bitcast=True) - magic_bits) + ((unit >> 22) - 254)
     return magnitude, index
 
 
@@ -97,16 +109,15 @@ def e2m1_index_of_magnitude(m):
 
 
 @triton.jit
-def _e2m1_step(a):
-    return tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-
-
-@triton.jit
 def e2m1_sr_magnitude(a, u):
-    """Stochastic E2M1 rounding of |y| = a with u = k/256 (float32): TE's software fallback (SPEC 1.7)."""
-    t = a + u * _e2m1_step(a)
-    inv_step_t = tl.where(t < 2.0, 2.0, tl.where(t < 4.0, 1.0, 0.5))
-    return tl.minimum(tl.floor(t * inv_step_t) * _e2m1_step(t), 6.0)
+    """Stochastic E2M1 rounding of |y| = a with u = k/256 (float32): TE's software fallback (SPEC 1.7).
+
+    t = a + u * step(a) (``u * step`` is exact), then floor(t / step(t)) * step(t) saturated at 6, the division an
+    exact multiplication by the step's reciprocal (``e2m1_unit_bits`` gives both from the exponent bits)."""
+    t = a + u * (e2m1_unit_bits(a) - 0x00800000).to(tl.float32, bitcast=True)
+    unit = e2m1_unit_bits(t)
+    quotient = t * (0x7F800000 - unit).to(tl.float32, bitcast=True)
+    return tl.minimum(tl.floor(quotient) * (unit - 0x00800000).to(tl.float32, bitcast=True), 6.0)
 
 
 @triton.jit
@@ -115,8 +126,22 @@ def with_sign(magnitude, negative):
 
     Done on the bits because the GPU compiler does not keep the sign of zero through ``where(c, -m, m)`` (seen on an
     H100 with Triton 3.6: code 8 decoded to +0.0, while TE's dequantize gives -0.0)."""
-    bits = magnitude.to(tl.uint32, bitcast=True) | (negative.to(tl.uint32) << 31)
-    return bits.to(tl.float32, bitcast=True)
+    return with_sign_bit(magnitude, negative.to(tl.uint32) << 31)
+
+
+@triton.jit
+def sign_bit(y):
+    """The sign bit of float32 y (uint32: 0 or 1 << 31) where ``y < 0``, the rule of ``numerics.e2m1_encode_rne``:
+    adding +0.0 turns -0.0 into +0.0 (IEEE round-to-nearest) and leaves every other value, so -0.0 gets no sign. (A
+    NaN keeps its sign bit; NaN only occurs in poisoned tensors, whose codes and values no caller reads.) An FMA-pipe
+    addition and one logic operation, instead of a comparison and a select on the busier ALU pipe."""
+    return (y + 0.0).to(tl.uint32, bitcast=True) & 0x80000000
+
+
+@triton.jit
+def with_sign_bit(magnitude, sign):
+    """float32 magnitude (>= 0) with the uint32 ``sign`` (0 or 1 << 31, see ``sign_bit``) or'ed into its bits."""
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -150,24 +175,29 @@ def bf16_round(v, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def bf16_bits(v, NATIVE: tl.constexpr):
+def bf16_bits(v, NATIVE: tl.constexpr, NO_NAN: tl.constexpr = False):
     """float32 tensor -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output.
 
     NATIVE: the hardware conversion (one instruction per two values), else integer arithmetic (``bf16_round`` says
-    why). Either way NaN becomes 0x7FC0, PyTorch's bfloat16 NaN, not the GPU's canonical 0x7FFF."""
+    why). Either way NaN becomes 0x7FC0, PyTorch's bfloat16 NaN, not the GPU's canonical 0x7FFF; NO_NAN (the caller
+    knows v holds no NaN) leaves out that per-element select."""
     if NATIVE:
         bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True)
     else:
         word = v.to(tl.uint32, bitcast=True)
         bits = ((word + 0x7FFF + ((word >> 16) & 1)) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+    if NO_NAN:
+        return bits
     return tl.where(v != v, tl.full(v.shape, 0x7FC0, tl.int16), bits)
 
 
 @triton.jit
-def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    """Store float32 values rounded (RNE) to the output: bfloat16 bits through an int16 view, else a plain cast."""
+def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                 NO_NAN: tl.constexpr = False):
+    """Store float32 values rounded (RNE) to the output: bfloat16 bits through an int16 view, else a plain cast
+    (``bf16_bits`` says what NO_NAN leaves out)."""
     if OUT_BF16_BITS:
-        tl.store(ptrs, bf16_bits(values, NATIVE_BF16), mask=mask)
+        tl.store(ptrs, bf16_bits(values, NATIVE_BF16, NO_NAN), mask=mask)
     else:
         tl.store(ptrs, values.to(ptrs.dtype.element_ty), mask=mask)
 

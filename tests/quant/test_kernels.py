@@ -46,18 +46,29 @@ if HAS_TRITON:
     import triton.language as tl
     from triton import jit
 
-    from quant.kernels.rounding import bf16_bits, e2m1_index_of_magnitude, e2m1_magnitude, e2m1_rne
+    from quant.kernels.rounding import (
+        bf16_bits,
+        e2m1_index_of_magnitude,
+        e2m1_magnitude,
+        e2m1_rne,
+        e2m1_sr_magnitude,
+        sign_bit,
+    )
 
     @jit
-    def _rounding_probe_kernel(x_ptr, magnitude_ptr, index_ptr, round_trip_ptr, bf16_ptr, n,
+    def _rounding_probe_kernel(x_ptr, magnitude_ptr, index_ptr, code_ptr, sr_ptr, round_trip_ptr, bf16_ptr, n,
                                NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-        """Applies the device rounding rules elementwise so a test can compare them with the reference directly."""
+        """Applies the device rounding rules elementwise so a test can compare them with the reference directly; the
+        stochastic rounding of element i uses the random byte (97 i) mod 256."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
         magnitude, index = e2m1_rne(tl.abs(x))
         tl.store(magnitude_ptr + offsets, magnitude, mask=mask)
         tl.store(index_ptr + offsets, index, mask=mask)
+        tl.store(code_ptr + offsets, index | (sign_bit(x) >> 28).to(tl.int32), mask=mask)
+        tl.store(sr_ptr + offsets, e2m1_sr_magnitude(tl.abs(x), ((offsets * 97) & 255).to(tl.float32) / 256.0),
+                 mask=mask)
         tl.store(round_trip_ptr + offsets, e2m1_index_of_magnitude(e2m1_magnitude(index)), mask=mask)
         tl.store(bf16_ptr + offsets, bf16_bits(x, NATIVE_BF16), mask=mask)
 
@@ -216,25 +227,33 @@ def rounding_probe_inputs() -> torch.Tensor:
 
 
 def check_rounding_probe(device: str, native_bf16: bool) -> None:
-    """``rounding.e2m1_rne`` / ``e2m1_magnitude`` / ``e2m1_index_of_magnitude`` / ``bf16_bits`` == the reference rules
-    (``numerics.e2m1_encode_rne``, PyTorch's bfloat16 cast) on ``rounding_probe_inputs``, bit for bit."""
+    """``rounding.e2m1_rne`` / ``sign_bit`` / ``e2m1_sr_magnitude`` / ``e2m1_magnitude`` / ``e2m1_index_of_magnitude``
+    / ``bf16_bits`` == the reference rules (``numerics.e2m1_encode_rne`` and ``e2m1_encode_stochastic``, PyTorch's
+    bfloat16 cast) on ``rounding_probe_inputs``, bit for bit."""
     import triton
 
-    from quant.numerics import e2m1_encode_rne
+    from quant.numerics import e2m1_encode_rne, e2m1_encode_stochastic
 
     x = rounding_probe_inputs()
     n = x.numel()
     magnitude = torch.empty(n, device=device)
+    sr_magnitude = torch.empty(n, device=device)
     index = torch.empty(n, dtype=torch.int32, device=device)
+    code = torch.empty(n, dtype=torch.int32, device=device)
     round_trip = torch.empty(n, dtype=torch.int32, device=device)
     bf16 = torch.empty(n, dtype=torch.int16, device=device)
-    _rounding_probe_kernel[(triton.cdiv(n, 1024),)](x.to(device), magnitude, index, round_trip, bf16, n,
-                                                     NATIVE_BF16=native_bf16, BLOCK=1024)
+    _rounding_probe_kernel[(triton.cdiv(n, 1024),)](x.to(device), magnitude, index, code, sr_magnitude, round_trip,
+                                                     bf16, n, NATIVE_BF16=native_bf16, BLOCK=1024)
     finite_or_inf = ~x.isnan()  # NaN saturates to 6 in the kernel; the reference never quantizes NaN (it raises)
-    expected_index = (e2m1_encode_rne(x) & 7).to(torch.int32)
+    expected_code = e2m1_encode_rne(x).to(torch.int32)
+    expected_index = expected_code & 7
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     assert_same_bits(index.cpu()[finite_or_inf], expected_index[finite_or_inf], "E2M1 RNE index")
+    assert_same_bits(code.cpu()[finite_or_inf], expected_code[finite_or_inf], "E2M1 RNE code with sign_bit")
     assert_same_bits(magnitude.cpu()[finite_or_inf], grid[expected_index][finite_or_inf], "E2M1 RNE magnitude")
+    random_bytes = (torch.arange(n) * 97) % 256
+    expected_sr = grid[(e2m1_encode_stochastic(x, random_bytes.to(torch.uint8)) & 7).long()]
+    assert_same_bits(sr_magnitude.cpu()[finite_or_inf], expected_sr[finite_or_inf], "E2M1 SR magnitude")
     assert_same_bits(round_trip.cpu(), index.cpu(), "index -> magnitude -> index")
     # NaN becomes PyTorch's canonical bfloat16 NaN 0x7FC0 (PyTorch's own vectorised CPU cast keeps some payloads)
     expected_bf16 = torch.where(x.isnan(), 0x7FC0, x.to(torch.bfloat16).view(torch.int16).int()).to(torch.int16)
@@ -426,6 +445,29 @@ def test_interp_non_finite_input_raises_naming_the_tensor(bad):
 
 
 @interp
+def test_interp_amax_kernels_over_many_tiles():
+    """Over 16 program tiles the amax kernels' atomics give max |x| (and max |RHT(x)|, max |RHT(x^T)|) computed in
+    float64, with the largest value in the last tile; a NaN in the last tile makes the amax +inf and leaves the
+    ticket (the smaller of two tickets when both operands of the pair kernel are poisoned)."""
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x[250, 200] = 40.0  # the largest magnitude sits in the last tile
+    never = 2**63 - 1
+    flag = torch.full((1,), never, dtype=torch.int64)
+    assert float(nvfp4_kernels.global_amax(x, False, flag, 7)) == float(x.double().abs().max()) == 40.0
+    assert float(nvfp4_kernels.global_amax(x, True, flag, 7)) == float(rht.apply(x).double().abs().max())
+    amax, _, amax_t, _ = nvfp4_kernels.quantize_pair_2d(x, flag, (7, 8), None, torch.bfloat16, torch.bfloat16)
+    assert float(amax) == 40.0 and float(amax_t) == float(rht.apply(x.t().contiguous()).double().abs().max())
+    assert int(flag) == never
+    x[255, 255] = float("nan")
+    assert float(nvfp4_kernels.global_amax(x, False, flag, 7)) == float("inf") and int(flag) == 7
+    flag.fill_(never)
+    amax, _, amax_t, _ = nvfp4_kernels.quantize_pair_2d(x, flag, (9, 8), None, torch.bfloat16, torch.bfloat16)
+    assert float(amax) == float(amax_t) == float("inf") and int(flag) == 8
+
+
+@interp
 def test_interp_poisoned_tensor_decodes_to_nan():
     """Behind the check: a non-finite amax yields NaN scale bytes and values, never plausible numbers."""
     from quant.kernels import nvfp4 as nvfp4_kernels
@@ -437,6 +479,30 @@ def test_interp_poisoned_tensor_decodes_to_nan():
     assert float(amax) == float("inf") and int(flag) == 1234
     codes, scales, values, _ = nvfp4_kernels.quantize_2d(x, amax, 1, False, None, True, torch.float32)
     assert int(scales.min()) == 0x7F and bool(values.isnan().all())
+
+
+@interp
+@pytest.mark.parametrize("scale_rule", ["floor", "rceil"])
+def test_interp_mxfp4_poisoned_blocks_and_clean_blocks(scale_rule):
+    """MX scales are per block: a NaN or an Inf gives its own block the E8M0 NaN byte 0xFF and NaN values (PyTorch's
+    BF16 NaN 0x7FC0), leaves the ticket, and every other block equals the reference bit for bit."""
+    from quant.kernels import mxfp4 as mxfp4_kernels
+
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    flag = torch.full((1,), 2**63 - 1, dtype=torch.int64)
+    codes, scales, values = mxfp4_kernels.quantize_2d(x, scale_rule, True, torch.bfloat16, flag, 99)
+    assert int(flag) == 99
+    bad = torch.zeros(4, 3, dtype=torch.bool)
+    bad[1, 0] = bad[2, 1] = True
+    assert bool((scales[bad] == 0xFF).all()) and not bool((scales[~bad] == 0xFF).any())
+    bad_values = bad.repeat_interleave(32, dim=1)
+    assert bool((values.view(torch.int16)[bad_values] == 0x7FC0).all())
+    clean = x.clone()
+    clean[bad_values] = 0.0
+    expected = mxfp4.fake_quantize(clean, scale_rule)
+    assert_same_bits(values[~bad_values], expected[~bad_values], "clean MX blocks")
 
 
 @interp
