@@ -37,6 +37,7 @@ from quant.kernels.rounding import (
     e2m1_sr_magnitude,
     e4m3_round,
     e4m3_value,
+    random_unit,
     rht_tile,
     sign_bit,
     store_values,
@@ -194,8 +195,8 @@ def _quantize_tile(
         words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, NB, 4))  # 16 random bytes per block
         shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
         random_bytes = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [BM, NB, 4, 4]
-        u = tl.reshape(random_bytes, (BM, NB, 16)).to(tl.float32) * (1.0 / 256.0)
-        magnitude = e2m1_sr_magnitude(tl.abs(y), u)
+        u = random_unit(tl.reshape(random_bytes, (BM, NB, 16)))  # k / 256
+        magnitude = e2m1_sr_magnitude(tl.abs(y), u, NATIVE_BF16)
         index = e2m1_index_of_magnitude(magnitude)
     else:
         magnitude, index = e2m1_rne(tl.abs(y))

@@ -23,6 +23,7 @@ What is load-bearing (each item was a way to silently break bit-compatibility):
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -109,15 +110,29 @@ def e2m1_index_of_magnitude(m):
 
 
 @triton.jit
-def e2m1_sr_magnitude(a, u):
+def e2m1_sr_magnitude(a, u, NATIVE: tl.constexpr):
     """Stochastic E2M1 rounding of |y| = a with u = k/256 (float32): TE's software fallback (SPEC 1.7).
 
-    t = a + u * step(a) (``u * step`` is exact), then floor(t / step(t)) * step(t) saturated at 6, the division an
-    exact multiplication by the step's reciprocal (``e2m1_unit_bits`` gives both from the exponent bits)."""
-    t = a + u * (e2m1_unit_bits(a) - 0x00800000).to(tl.float32, bitcast=True)
+    t = a + u * step(a) (``u * step`` is exact), then t rounded down to a multiple of step(t), saturated at 6
+    (``e2m1_unit_bits`` gives the steps from the exponent bits). Clamping t to 6 first changes nothing: from 6 on the
+    rounded value is at least 6. NATIVE (compiled for a GPU): one addition rounding toward -inf (``add.rm.f32``) of
+    C = step(t) * 2^23, where float32's spacing is the step, and an exact subtraction of C, as ``e2m1_rne`` does with
+    round-to-nearest; two FMA-pipe operations instead of a floor on the slower conversion pipe. Triton's CPU
+    interpreter has no rounding-mode addition: there it is floor(t / step(t)) * step(t) (exact scalings)."""
+    t = tl.minimum(a + u * (e2m1_unit_bits(a) - 0x00800000).to(tl.float32, bitcast=True), 6.0)
     unit = e2m1_unit_bits(t)
+    if NATIVE:
+        magic = (unit + (22 << 23)).to(tl.float32, bitcast=True)  # C = step(t) * 2^23
+        return libdevice.add_rd(t, magic) - magic
     quotient = t * (0x7F800000 - unit).to(tl.float32, bitcast=True)
-    return tl.minimum(tl.floor(quotient) * (unit - 0x00800000).to(tl.float32, bitcast=True), 6.0)
+    return tl.floor(quotient) * (unit - 0x00800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def random_unit(byte):
+    """Random byte k (int32 or uint32, 0..255) -> k / 256 as float32, exactly: 1 + k/256 from its bit pattern (k in the
+    top mantissa bits) less 1, no integer-to-float conversion."""
+    return ((byte << 15) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
 
 
 @triton.jit

@@ -52,6 +52,7 @@ if HAS_TRITON:
         e2m1_magnitude,
         e2m1_rne,
         e2m1_sr_magnitude,
+        random_unit,
         sign_bit,
     )
 
@@ -67,7 +68,7 @@ if HAS_TRITON:
         tl.store(magnitude_ptr + offsets, magnitude, mask=mask)
         tl.store(index_ptr + offsets, index, mask=mask)
         tl.store(code_ptr + offsets, index | (sign_bit(x) >> 28).to(tl.int32), mask=mask)
-        tl.store(sr_ptr + offsets, e2m1_sr_magnitude(tl.abs(x), ((offsets * 97) & 255).to(tl.float32) / 256.0),
+        tl.store(sr_ptr + offsets, e2m1_sr_magnitude(tl.abs(x), random_unit((offsets * 97) & 255), NATIVE_BF16),
                  mask=mask)
         tl.store(round_trip_ptr + offsets, e2m1_index_of_magnitude(e2m1_magnitude(index)), mask=mask)
         tl.store(bf16_ptr + offsets, bf16_bits(x, NATIVE_BF16), mask=mask)
