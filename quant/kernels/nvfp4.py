@@ -76,8 +76,9 @@ def set_launch_config(config: LaunchConfig) -> LaunchConfig:
 
 def launch_options(on: Tensor) -> dict[str, object]:
     """What every kernel launch on tensor ``on`` passes: the configured warps, no FMA contraction (each SPEC step is
-    one rounding), and the kernels' ``NATIVE_BF16``: the hardware BF16 conversion on a GPU, integer rounding under
-    Triton's CPU interpreter (the only place CPU tensors reach a kernel), whose cast truncates."""
+    one rounding), and the kernels' ``NATIVE_BF16``: compiled for a GPU (the hardware BF16 conversion, the SR rule's
+    rounding-mode addition) rather than run by Triton's CPU interpreter (the only place CPU tensors reach a kernel),
+    whose BF16 cast truncates and which has no rounding-mode addition."""
     return {"num_warps": _config.num_warps, "enable_fp_fusion": False, "NATIVE_BF16": on.is_cuda}
 
 

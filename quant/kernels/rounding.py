@@ -9,15 +9,18 @@ What is load-bearing (each item was a way to silently break bit-compatibility):
   does not depend on how a given Triton/PTX version lowers ``float8e4nv`` casts (saturation and subnormals differ
   between paths).
 * Multiplications by powers of two are built from bit patterns (``exp2i``) and are exact; no ``exp2``/``log2`` call.
-* E2M1 round-to-nearest is one ``round_half_even`` of |y| / step on the evenly spaced part of the grid that holds
-  |y| (``e2m1_rne``); its ties fall as the interval table of SPEC 1.3 says (0.75, 1.75, 3.5 up; 0.25, 1.25, 2.5, 5
-  down; saturation above 5), exactly ``numerics.e2m1_encode_rne``. The kernels are bound by instruction issue, not
-  memory, so the cheapest exact form of each rule is the one used (this replaced a chain of seven comparisons).
+* E2M1 round-to-nearest is one IEEE addition of C = step * 2^23 and its exact subtraction (``e2m1_rne``), the step
+  read off the exponent bits; its ties fall as the interval table of SPEC 1.3 says (0.75, 1.75, 3.5 up; 0.25, 1.25,
+  2.5, 5 down; saturation above 5), exactly ``numerics.e2m1_encode_rne``. The quantize passes are bound by the issue
+  rate of the ALU pipe (compares, selects, logic, min/max), not by memory, so the cheapest exact form of each rule is
+  the one used, preferring the FMA pipe: this replaced a chain of seven comparisons, then a form with two compares and
+  four selects per element.
 * BF16 outputs: the hardware ``cvt.rn.bf16.f32`` (RNE) when compiled for a GPU, integer rounding under Triton's CPU
   interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.launch_options``).
 * Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` is exact, so
-  FMA contraction cannot change it), ``floor(t / step(t)) * step(t)`` with the division done as an exact
-  multiplication by a power of two, saturated at 6.
+  FMA contraction cannot change it), t rounded down to a multiple of step(t), saturated at 6: on a GPU one addition
+  rounding toward -inf (``libdevice.add_rd``) of step(t) * 2^23, in the interpreter (no rounding-mode addition)
+  ``floor(t / step(t)) * step(t)`` with the division an exact multiplication by a power of two.
 * Divisions that must be correctly rounded use ``tl.div_rn``: Triton's ``/`` on float32 lowers to the approximate
   ``div.full.f32`` on NVIDIA GPUs. Kernels are also launched with ``enable_fp_fusion=False``.
 """
