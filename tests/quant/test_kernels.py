@@ -261,6 +261,23 @@ def check_rounding_probe(device: str, native_bf16: bool) -> None:
     assert_same_bits(bf16.cpu(), expected_bf16, f"bfloat16 bits (native={native_bf16})")
 
 
+@pytest.mark.skipif(not HAS_TRITON or IN_INTERPRETER, reason="needs Triton's compiler (no GPU needed)")
+@pytest.mark.parametrize("variant", ["1x16", "SR"])
+def test_quantize_pass_compiled_for_hopper_has_no_rounding_conversions(variant):
+    """The E2M1 and SR rules stay off the conversion pipe: the BF16 quantize pass compiled for sm_90
+    (``bench.kernel_sass``, no GPU needed) has no per-element integer-to-float conversion or float rounding instruction
+    (the SR pass had 33 ``I2F`` and 32 ``FRND`` for its 32 elements per thread before; the division's slow path keeps
+    one ``I2F``), and every instruction is counted in one class."""
+    from bench.kernel_sass import compile_quantize_pass, count
+    from quant.kernels import nvfp4 as nvfp4_kernels
+
+    sass = count(*compile_quantize_pass(variant, torch.bfloat16, 256, 256),
+                 nvfp4_kernels.launch_options(torch.empty(0))["num_warps"])
+    assert sass.instructions > 100 and sass.instructions == sum(sass.by_class.values())
+    conversions = sum(sass.by_opcode.get(opcode, 0) for opcode in ("I2F", "I2FP", "FRND"))
+    assert conversions < sass.elements_per_thread / 8, sass.by_opcode
+
+
 @interp
 def test_interp_rounding_rules_on_every_bf16_and_random_float32():
     check_rounding_probe("cpu", native_bf16=False)
