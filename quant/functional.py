@@ -991,6 +991,8 @@ def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operan
     if not geo.transposed:
         grad_t = None if dy_t is not None else dy_rows.t()  # [Co, T]
         x_t = x if isinstance(x, gemm.ScaledCodes) else None
+        if x_t is None and _shares_row_taps(q, geo, kernel, dy):
+            return _row_shared_wgrad(q, grad_t, dy_t, x, w_shape, dtype, geo, seed, dy.shape)
         input_t = None if x_t is not None else geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
         a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, x_t))
         return conv_weight_from_matrix(gemm.mm(a, b, dtype), (w_shape[0], w_shape[1], *kernel))  # [Co, Ci, kh, kw]
@@ -1000,6 +1002,44 @@ def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operan
     ci, co = w_shape[0], w_shape[1]
     dw_oi = _from_dgrad_matrix(gemm.mm(b, a, dtype), (co, ci, *kernel))  # [Ci, kh*kw*Co] -> [Co, Ci, kh, kw]
     return dw_oi.transpose(0, 1)  # module layout [Ci, Co, kh, kw]
+
+
+def _shares_row_taps(q: LayerQuantizer, geo: ConvGeometry, kernel: tuple[int, int], dy: Tensor) -> bool:
+    """Does this Conv2d's ``full`` wgrad take ``_row_shared_wgrad``? On the fast path, for NVFP4 dY^T and X operands,
+    kh > 1, vertical stride and dilation 1, and output rows of whole scale blocks (OW a multiple of 16), so no block
+    of 16 tokens spans two output rows."""
+    fmt = q.format_of("input")
+    return (gemm.fast_path(dy) and kernel[0] > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1
+            and isinstance(fmt, layer_formats.NVFP4Layer) and q.gemm_operand_dtype("grad", "input", dy.dtype)
+            is not None and dy.shape[3] % fmt.block == 0)
+
+
+def _row_shared_wgrad(q: LayerQuantizer, grad_t: Tensor | None, dy_t: Operand | None, x: Tensor,
+                      w_shape: torch.Size, dtype: torch.dtype, geo: ConvGeometry, seed: Tensor | None,
+                      dy_shape: torch.Size) -> Tensor:
+    """``_full_wgrad`` of a Conv2d (``_shares_row_taps``) that quantizes kw column taps of X instead of kh*kw taps.
+
+    Why it is the same operand: with vertical stride and dilation 1, the im2col row of tap (i, j) at output pixel
+    (n, oh, ow) reads input row oh + i - pad_h, which is the "column tap" j (an im2col with kernel (1, kw) over the
+    input padded by pad_h rows, kh - 1 more rows than the output) at padded row oh + i. Output rows are whole
+    16-token blocks, so every block of the kh*kw-tap operand is a block of the kw column taps, and every block of
+    these is a block of some tap (or zeros): the same RHT'd blocks, the same global amax, hence the same codes and
+    scales. On UNet's 3x3 layers this quantizes a third of the bytes (the im2col, its amax pass and its quantize pass
+    shrink 3x).
+
+    The GEMM then pairs dY^T moved down by i rows (``im2col.stack_row_shifts``: kh shifted copies of the scaled codes,
+    zeros between images) with the column taps over the padded token grid: one [kh*Co, kw*Ci] product whose FP32
+    sums hold exactly the im2col GEMM's products plus zeros (only the summation order differs)."""
+    kh, kw = w_shape[2], w_shape[3]
+    n, _, rows, cols = dy_shape
+    padded_rows = rows + kh - 1
+    column_geo = ConvGeometry(False, (1, geo.stride[1]), geo.padding, (1, geo.dilation[1]))
+    input_t = column_geo.unfold(x, (1, kw), (padded_rows, cols))  # [kw*Ci, N*(OH+kh-1)*OW]
+    grad_operand, input_operand = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, None))
+    shifted = gemm.Relaid(grad_operand, lambda codes: im2col.stack_row_shifts(codes, kh, (n, rows, cols)))
+    dw = gemm.mm(shifted, input_operand, dtype)  # [(kh, Co), (kw, Ci)]
+    co, ci = w_shape[0], w_shape[1]
+    return dw.view(kh, co, kw, ci).permute(1, 3, 0, 2)  # [Co, Ci, kh, kw]
 
 
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, stride: tuple[int, int],

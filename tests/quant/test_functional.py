@@ -514,6 +514,7 @@ def _weight_grid(shape: tuple[int, ...], seed: int, transposed: bool) -> torch.T
 LAYER_CASES = {  # module, input shape, input maker
     "linear": (lambda: nn.Linear(64, 48), (3, 32, 64), _token_grid),
     "conv2d": (lambda: nn.Conv2d(16, 32, 3, padding=1), (2, 16, 8, 8), _pixel_grid),
+    "conv2d-row-shared": (lambda: nn.Conv2d(16, 32, 3, padding=1), (2, 16, 6, 16), _pixel_grid),  # 16 px rows
     "conv_transpose2d": (lambda: nn.ConvTranspose2d(32, 16, 2, stride=2), (2, 32, 4, 4), _pixel_grid),
 }
 

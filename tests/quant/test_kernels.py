@@ -941,6 +941,49 @@ def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(kin
         assert_same_bits(got, expected, f"output/gradient {i}, paired vs per-operand passes (SR on)")
 
 
+def _row_shared_conv_stack() -> torch.nn.Sequential:
+    """Conv2d layers whose ``full`` wgrad shares row taps (output widths 32, 16, 16), with a horizontal stride, a
+    horizontal dilation, a kh of 2 without padding and a pad_h larger than kh - 1."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 16, (2, 3), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=2, dilation=(1, 2)))
+
+
+@interp
+@pytest.mark.parametrize("sr", [False, True], ids=["rn", "sr"])
+def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, monkeypatch):
+    """The ``full`` wgrad of Conv2d layers with vertical stride 1 quantizes kw column taps of X instead of the kh*kw
+    im2col taps and multiplies them with row-shifted dY^T (``functional._row_shared_wgrad``): every output and
+    gradient equals the im2col path on the fast path (SR on: the same Philox draws for dY^T) and, with RN, the
+    reference path, bit for bit (the FP32 sums are order-independent here)."""
+    import copy
+
+    import quant
+    from quant import functional, im2col
+
+    torch.manual_seed(0)
+    model = _row_shared_conv_stack()
+    quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full",
+                                                                        disable_stochastic_rounding=not sr)))
+    x = torch.randn(2, 16, 12, 32)
+    reference = None if sr else _autocast_step(copy.deepcopy(model), x)
+    fast_path_on_cpu()
+    for layer in quant.quantized_modules(model).values():
+        layer.quantizer.prime(x.device)  # the copies below start from the same Philox state
+    shifts, stack = [], im2col.stack_row_shifts
+    monkeypatch.setattr(im2col, "stack_row_shifts", lambda *a: shifts.append(a[1]) or stack(*a))
+    shared = _autocast_step(copy.deepcopy(model), x)
+    assert shifts == [3, 2, 3]  # every layer took the shared path (backward order: last layer first)
+    monkeypatch.setattr(functional, "_shares_row_taps", lambda *args: False)
+    unshared = _autocast_step(copy.deepcopy(model), x)
+    assert len(shifts) == 3
+    for i, (got, expected) in enumerate(zip(shared, unshared)):
+        assert_same_bits(got, expected, f"output/gradient {i}, row-shared vs im2col wgrad")
+    for i, (got, expected) in enumerate(zip(shared, reference or [])):
+        assert_same_bits(got, expected, f"output/gradient {i}, row-shared fast path vs reference")
+
+
 class _Block(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
