@@ -32,12 +32,10 @@ from torch import Tensor
 from quant import numerics, rht as rht_transform
 from quant.kernels.rounding import (
     e2m1_code_value,
-    e2m1_index_of_magnitude,
     e2m1_rne,
-    e2m1_sr_magnitude,
+    e2m1_sr,
     e4m3_round,
     e4m3_value,
-    random_unit,
     rht_tile,
     sign_bit,
     store_values,
@@ -196,9 +194,7 @@ def _quantize_tile(
         words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, NB, 4))  # 16 random bytes per block
         shifts = (tl.arange(0, 4) * 8).to(tl.uint32)
         random_bytes = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF  # [BM, NB, 4, 4]
-        u = random_unit(tl.reshape(random_bytes, (BM, NB, 16)))  # k / 256
-        magnitude = e2m1_sr_magnitude(tl.abs(y), u, NATIVE_BF16)
-        index = e2m1_index_of_magnitude(magnitude)
+        magnitude, index = e2m1_sr(tl.abs(y), tl.reshape(random_bytes, (BM, NB, 16)), NATIVE_BF16)
     else:
         magnitude, index = e2m1_rne(tl.abs(y))
     sign = sign_bit(y)  # uint32: 1 << 31 where y < 0

@@ -107,35 +107,34 @@ def e2m1_magnitude(index):
 
 
 @triton.jit
-def e2m1_index_of_magnitude(m):
-    """Exact E2M1 grid value (float32) -> its magnitude index (int32): the inverse of ``e2m1_magnitude``."""
-    return tl.where(m < 1.0, (m * 2.0).to(tl.int32), (m.to(tl.int32, bitcast=True) >> 22) - 252)
+def e2m1_sr(a, byte, NATIVE: tl.constexpr):
+    """Stochastic E2M1 rounding of |y| = a (float32 >= 0) with the random byte k (0..255): (grid magnitude float32,
+    magnitude index int32), TE's software fallback (SPEC 1.7), the bytes of ``numerics.e2m1_encode_stochastic``.
 
-
-@triton.jit
-def e2m1_sr_magnitude(a, u, NATIVE: tl.constexpr):
-    """Stochastic E2M1 rounding of |y| = a with u = k/256 (float32): TE's software fallback (SPEC 1.7).
-
-    t = a + u * step(a) (``u * step`` is exact), then t rounded down to a multiple of step(t), saturated at 6
-    (``e2m1_unit_bits`` gives the steps from the exponent bits). Clamping t to 6 first changes nothing: from 6 on the
-    rounded value is at least 6. NATIVE (compiled for a GPU): one addition rounding toward -inf (``add.rm.f32``) of
+    t = a + (k/256) * step(a), then t rounded down to a multiple of step(t), saturated at 6 (``e2m1_unit_bits`` gives
+    the steps from the exponent bits; NaN counts as 6). The increment comes from bits, with no multiply or
+    integer-to-float conversion: step(a) is a power of two, so k in the top 8 mantissa bits of step(a) is
+    (1 + k/256) * step(a), and subtracting step(a) is exact. Clamping t to 6 changes nothing: from 6 on the rounded
+    value is at least 6. NATIVE (compiled for a GPU): one addition rounding toward -inf (``add.rm.f32``) of
     C = step(t) * 2^23, where float32's spacing is the step, and an exact subtraction of C, as ``e2m1_rne`` does with
-    round-to-nearest; two FMA-pipe operations instead of a floor on the slower conversion pipe. Triton's CPU
-    interpreter has no rounding-mode addition: there it is floor(t / step(t)) * step(t) (exact scalings)."""
-    t = tl.minimum(a + u * (e2m1_unit_bits(a) - 0x00800000).to(tl.float32, bitcast=True), 6.0)
+    round-to-nearest, and the index is read off the bits of t + C the same way. Triton's CPU interpreter has no
+    rounding-mode addition: there it is floor(t / step(t)) * step(t) (exact scalings)."""
+    step_bits = e2m1_unit_bits(a) - 0x00800000
+    increment = ((byte.to(tl.int32) << 15) | step_bits).to(tl.float32, bitcast=True) - step_bits.to(tl.float32,
+                                                                                                    bitcast=True)
+    t = tl.minimum(a + increment, 6.0)
     unit = e2m1_unit_bits(t)
     if NATIVE:
-        magic = (unit + (22 << 23)).to(tl.float32, bitcast=True)  # C = step(t) * 2^23
-        return libdevice.add_rd(t, magic) - magic
-    quotient = t * (0x7F800000 - unit).to(tl.float32, bitcast=True)
-    return tl.floor(quotient) * (unit - 0x00800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def random_unit(byte):
-    """Random byte k (int32 or uint32, 0..255) -> k / 256 as float32, exactly: 1 + k/256 from its bit pattern (k in the
-    top mantissa bits) less 1, no integer-to-float conversion."""
-    return ((byte << 15) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+        magic_bits = unit + (22 << 23)
+        magic = magic_bits.to(tl.float32, bitcast=True)  # C = step(t) * 2^23
+        shifted = libdevice.add_rd(t, magic)
+        steps = shifted.to(tl.int32, bitcast=True) - magic_bits
+        magnitude = shifted - magic
+    else:
+        quotient = tl.floor(t * (0x7F800000 - unit).to(tl.float32, bitcast=True))
+        steps = quotient.to(tl.int32)
+        magnitude = quotient * (unit - 0x00800000).to(tl.float32, bitcast=True)
+    return magnitude, steps + ((unit >> 22) - 254)
 
 
 @triton.jit

@@ -48,17 +48,15 @@ if HAS_TRITON:
 
     from quant.kernels.rounding import (
         bf16_bits,
-        e2m1_index_of_magnitude,
         e2m1_magnitude,
         e2m1_rne,
-        e2m1_sr_magnitude,
-        random_unit,
+        e2m1_sr,
         sign_bit,
     )
 
     @jit
-    def _rounding_probe_kernel(x_ptr, magnitude_ptr, index_ptr, code_ptr, sr_ptr, round_trip_ptr, bf16_ptr, n,
-                               NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def _rounding_probe_kernel(x_ptr, magnitude_ptr, index_ptr, code_ptr, sr_ptr, sr_index_ptr, decoded_ptr, bf16_ptr,
+                               n, NATIVE_BF16: tl.constexpr, BLOCK: tl.constexpr):
         """Applies the device rounding rules elementwise so a test can compare them with the reference directly; the
         stochastic rounding of element i uses the random byte (97 i) mod 256."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -68,9 +66,10 @@ if HAS_TRITON:
         tl.store(magnitude_ptr + offsets, magnitude, mask=mask)
         tl.store(index_ptr + offsets, index, mask=mask)
         tl.store(code_ptr + offsets, index | (sign_bit(x) >> 28).to(tl.int32), mask=mask)
-        tl.store(sr_ptr + offsets, e2m1_sr_magnitude(tl.abs(x), random_unit((offsets * 97) & 255), NATIVE_BF16),
-                 mask=mask)
-        tl.store(round_trip_ptr + offsets, e2m1_index_of_magnitude(e2m1_magnitude(index)), mask=mask)
+        sr_magnitude, sr_index = e2m1_sr(tl.abs(x), (offsets * 97) & 255, NATIVE_BF16)
+        tl.store(sr_ptr + offsets, sr_magnitude, mask=mask)
+        tl.store(sr_index_ptr + offsets, sr_index, mask=mask)
+        tl.store(decoded_ptr + offsets, e2m1_magnitude(index), mask=mask)
         tl.store(bf16_ptr + offsets, bf16_bits(x, NATIVE_BF16), mask=mask)
 
 
@@ -228,9 +227,9 @@ def rounding_probe_inputs() -> torch.Tensor:
 
 
 def check_rounding_probe(device: str, native_bf16: bool) -> None:
-    """``rounding.e2m1_rne`` / ``sign_bit`` / ``e2m1_sr_magnitude`` / ``e2m1_magnitude`` / ``e2m1_index_of_magnitude``
-    / ``bf16_bits`` == the reference rules (``numerics.e2m1_encode_rne`` and ``e2m1_encode_stochastic``, PyTorch's
-    bfloat16 cast) on ``rounding_probe_inputs``, bit for bit."""
+    """``rounding.e2m1_rne`` / ``sign_bit`` / ``e2m1_sr`` / ``e2m1_magnitude`` / ``bf16_bits`` == the reference rules
+    (``numerics.e2m1_encode_rne`` and ``e2m1_encode_stochastic``, PyTorch's bfloat16 cast) on
+    ``rounding_probe_inputs``, bit for bit."""
     import triton
 
     from quant.numerics import e2m1_encode_rne, e2m1_encode_stochastic
@@ -241,10 +240,11 @@ def check_rounding_probe(device: str, native_bf16: bool) -> None:
     sr_magnitude = torch.empty(n, device=device)
     index = torch.empty(n, dtype=torch.int32, device=device)
     code = torch.empty(n, dtype=torch.int32, device=device)
-    round_trip = torch.empty(n, dtype=torch.int32, device=device)
+    sr_index = torch.empty(n, dtype=torch.int32, device=device)
+    decoded = torch.empty(n, device=device)
     bf16 = torch.empty(n, dtype=torch.int16, device=device)
-    _rounding_probe_kernel[(triton.cdiv(n, 1024),)](x.to(device), magnitude, index, code, sr_magnitude, round_trip,
-                                                     bf16, n, NATIVE_BF16=native_bf16, BLOCK=1024)
+    _rounding_probe_kernel[(triton.cdiv(n, 1024),)](x.to(device), magnitude, index, code, sr_magnitude, sr_index,
+                                                     decoded, bf16, n, NATIVE_BF16=native_bf16, BLOCK=1024)
     finite_or_inf = ~x.isnan()  # NaN saturates to 6 in the kernel; the reference never quantizes NaN (it raises)
     expected_code = e2m1_encode_rne(x).to(torch.int32)
     expected_index = expected_code & 7
@@ -253,9 +253,10 @@ def check_rounding_probe(device: str, native_bf16: bool) -> None:
     assert_same_bits(code.cpu()[finite_or_inf], expected_code[finite_or_inf], "E2M1 RNE code with sign_bit")
     assert_same_bits(magnitude.cpu()[finite_or_inf], grid[expected_index][finite_or_inf], "E2M1 RNE magnitude")
     random_bytes = (torch.arange(n) * 97) % 256
-    expected_sr = grid[(e2m1_encode_stochastic(x, random_bytes.to(torch.uint8)) & 7).long()]
-    assert_same_bits(sr_magnitude.cpu()[finite_or_inf], expected_sr[finite_or_inf], "E2M1 SR magnitude")
-    assert_same_bits(round_trip.cpu(), index.cpu(), "index -> magnitude -> index")
+    expected_sr_index = (e2m1_encode_stochastic(x, random_bytes.to(torch.uint8)) & 7).to(torch.int32)
+    assert_same_bits(sr_index.cpu()[finite_or_inf], expected_sr_index[finite_or_inf], "E2M1 SR index")
+    assert_same_bits(sr_magnitude.cpu()[finite_or_inf], grid[expected_sr_index][finite_or_inf], "E2M1 SR magnitude")
+    assert_same_bits(decoded.cpu(), grid[index.cpu()], "e2m1_magnitude(index)")
     # NaN becomes PyTorch's canonical bfloat16 NaN 0x7FC0 (PyTorch's own vectorised CPU cast keeps some payloads)
     expected_bf16 = torch.where(x.isnan(), 0x7FC0, x.to(torch.bfloat16).view(torch.int16).int()).to(torch.int16)
     assert_same_bits(bf16.cpu(), expected_bf16, f"bfloat16 bits (native={native_bf16})")
