@@ -1027,19 +1027,30 @@ def _row_shared_wgrad(q: LayerQuantizer, grad_t: Tensor | None, dy_t: Operand | 
     scales. On UNet's 3x3 layers this quantizes a third of the bytes (the im2col, its amax pass and its quantize pass
     shrink 3x).
 
-    The GEMM then pairs dY^T moved down by i rows (``im2col.stack_row_shifts``: kh shifted copies of the scaled codes,
-    zeros between images) with the column taps over the padded token grid: one [kh*Co, kw*Ci] product whose FP32
-    sums hold exactly the im2col GEMM's products plus zeros (only the summation order differs)."""
+    The GEMM then pairs dY^T moved down by i rows (``_row_shifted``: kh shifted copies of its scaled codes, zeros
+    between images) with the column taps over the padded token grid: one [kh*Co, kw*Ci] product whose FP32 sums hold
+    exactly the im2col GEMM's products plus zeros (only the summation order differs)."""
     kh, kw = w_shape[2], w_shape[3]
     n, _, rows, cols = dy_shape
     padded_rows = rows + kh - 1
     column_geo = ConvGeometry(False, (1, geo.stride[1]), geo.padding, (1, geo.dilation[1]))
     input_t = column_geo.unfold(x, (1, kw), (padded_rows, cols))  # [kw*Ci, N*(OH+kh-1)*OW]
     grad_operand, input_operand = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, None))
-    shifted = gemm.Relaid(grad_operand, lambda codes: im2col.stack_row_shifts(codes, kh, (n, rows, cols)))
-    dw = gemm.mm(shifted, input_operand, dtype)  # [(kh, Co), (kw, Ci)]
+    shifted = gemm.Relaid(grad_operand, lambda codes: _row_shifted(codes, kh, (n, rows, cols)))
+    dw = gemm.mm(shifted, input_operand, dtype)  # [(kh - 1 - i, Co), (kw, Ci)]
     co, ci = w_shape[0], w_shape[1]
-    return dw.view(kh, co, kw, ci).permute(1, 3, 0, 2)  # [Co, Ci, kh, kw]
+    return dw.view(kh, co, kw, ci).flip(0).permute(1, 3, 0, 2)  # [Co, Ci, kh, kw]
+
+
+def _row_shifted(t: Tensor, shifts: int, grid: tuple[int, int, int]) -> Tensor:
+    """t [C, N*OH*OW] (tokens (n, oh, ow)) -> [shifts*C, N*(OH+shifts-1)*OW]: row block r holds t moved down by
+    shifts - 1 - r rows within each image, zeros elsewhere. That is the im2col of t as an image [N, C, OH, OW] with
+    kernel (shifts, 1) and shifts - 1 rows of zero padding (tap r reads row q + r - (shifts - 1) at padded row q), so
+    the fast path makes it with the unfold kernel in one pass."""
+    n, rows, cols = grid
+    image = t.reshape(t.shape[0], n, rows, cols).permute(1, 0, 2, 3)  # a view of t
+    geo = ConvGeometry(False, (1, 1), (shifts - 1, 0), (1, 1))
+    return geo.unfold(image, (shifts, 1), (rows + shifts - 1, cols))
 
 
 def quant_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, q: LayerQuantizer, stride: tuple[int, int],

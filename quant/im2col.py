@@ -40,17 +40,3 @@ def unfold_tokens(t: Tensor, kernel: list[int], positions: list[int], stride: li
     cols = cols.view(n, c, kh, kw, grid_h, grid_w)[..., : positions[0], : positions[1]]
     return cols.permute(2, 3, 1, 0, 4, 5).reshape(kh * kw * c, n * positions[0] * positions[1]).contiguous()
 
-
-def stack_row_shifts(t: Tensor, shifts: int, grid: tuple[int, int, int]) -> Tensor:
-    """t [C, N*OH*OW] (tokens (n, oh, ow)) -> [shifts*C, N*(OH+shifts-1)*OW]: row block i holds t moved down by i
-    output rows within each image, zeros elsewhere.
-
-    Why: a stride-1 convolution's im2col rows of taps (i, j) are the rows of the column taps (0, j) read i output rows
-    further down (``quant.functional._row_shared_wgrad``). A GEMM of this stack with the column taps over the padded
-    grid (n, OH+shifts-1, OW) pairs each output row oh of t with input row oh + i, as the im2col GEMM does."""
-    n, rows, cols = grid
-    c = t.shape[0]
-    out = t.new_zeros(shifts, c, n, rows + shifts - 1, cols)
-    for i in range(shifts):
-        out[i, :, :, i:i + rows] = t.reshape(c, n, rows, cols)
-    return out.view(shifts * c, -1)

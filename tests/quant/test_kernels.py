@@ -961,7 +961,7 @@ def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, m
     import copy
 
     import quant
-    from quant import functional, im2col
+    from quant import functional
 
     torch.manual_seed(0)
     model = _row_shared_conv_stack()
@@ -972,8 +972,8 @@ def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, m
     fast_path_on_cpu()
     for layer in quant.quantized_modules(model).values():
         layer.quantizer.prime(x.device)  # the copies below start from the same Philox state
-    shifts, stack = [], im2col.stack_row_shifts
-    monkeypatch.setattr(im2col, "stack_row_shifts", lambda *a: shifts.append(a[1]) or stack(*a))
+    shifts, row_shifted = [], functional._row_shifted
+    monkeypatch.setattr(functional, "_row_shifted", lambda *a: shifts.append(a[1]) or row_shifted(*a))
     shared = _autocast_step(copy.deepcopy(model), x)
     assert shifts == [3, 2, 3]  # every layer took the shared path (backward order: last layer first)
     monkeypatch.setattr(functional, "_shares_row_taps", lambda *args: False)
