@@ -64,9 +64,9 @@ def _tool(name: str) -> str:
 
 def compile_quantize_pass(variant: str, dtype: torch.dtype, rows: int, cols: int) -> tuple[bytes, int]:
     """(cubin, tile elements) of the fake-quantize pass for an [rows, cols] contiguous input of ``dtype``, compiled for
-    sm_90 with the library's launch options and tile (``nvfp4_kernels.tile_shape``)."""
+    sm_90 with the library's launch options and tile (``nvfp4_kernels.quantize_launch``)."""
     kernel = nvfp4_kernels._quantize_kernel
-    bm, bk = nvfp4_kernels.tile_shape(rows, triton.cdiv(cols, BLOCK) * BLOCK)
+    bm, bk, options = nvfp4_kernels.quantize_launch(rows, triton.cdiv(cols, BLOCK) * BLOCK, torch.empty(0))
     bf16 = dtype == torch.bfloat16
     values = "*i16" if bf16 else "*fp32"
     pointers = {"x_ptr": "*bf16" if bf16 else "*fp32", "amax_ptr": "*fp32", "seed_ptr": "*i64", "out_ptr": values,
@@ -79,7 +79,6 @@ def compile_quantize_pass(variant: str, dtype: torch.dtype, rows: int, cols: int
     signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in kernel.arg_names}
     aligned = [name for name in kernel.arg_names if name in pointers or name in ("stride_m", "K", "KP")]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    options = nvfp4_kernels.launch_options(torch.empty(0))
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": options["num_warps"], "enable_fp_fusion": False})
     return compiled.asm["cubin"], bm * bk
@@ -119,7 +118,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if dtype != torch.bfloat16 and any(VARIANTS[name].get("RHT") for name in names):
         parser.error("the RHT variants need --dtype bfloat16")
-    num_warps = nvfp4_kernels.launch_options(torch.empty(0))["num_warps"]
+    num_warps = nvfp4_kernels.quantize_launch(args.rows, args.cols, torch.empty(0))[2]["num_warps"]
     counts = {name: count(*compile_quantize_pass(name, dtype, args.rows, args.cols), num_warps) for name in names}
     classes = list(OPCODE_CLASSES) + ["other"]
     rows = [[name, c.instructions, f"{c.instructions / c.elements_per_thread:.1f}", c.registers,

@@ -60,6 +60,11 @@ class LaunchConfig:
     # along one dim and written along both (``bench/kernel_throughput.py --sweep`` times the alternatives)
     pair_amax_tile: tuple[int, int] = (64, 128)
     pair_quantize_tile: tuple[int, int] = (32, 64)
+    # the fused quantize pass (``quantize_2d``): 16 x 128 tiles on 2 warps, the same 32 elements per thread as 4096 on
+    # 4 warps but twice the programs; on an H200 its SR and RHT variants gained up to 4 points of copy bandwidth and
+    # nothing lost (``.dev``-style sweep recorded in docs/kernels.md)
+    quantize_elements: int = 2048
+    quantize_warps: int = 2
 
 
 _config = LaunchConfig()
@@ -320,12 +325,18 @@ def _storage_view(out: Tensor) -> Tensor:
     return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
 
 
-def tile_shape(rows: int, padded_cols: int) -> tuple[int, int]:
+def tile_shape(rows: int, padded_cols: int, elements: int | None = None) -> tuple[int, int]:
     """Program tile (BM, BK): BK a power of two in [16, max_bk] covering short rows, BM >= 16 (16x16 tiles), about
-    ``elements`` per program."""
+    ``elements`` (default: the configured ``elements``) per program."""
     bk = min(_config.max_bk, triton.next_power_of_2(padded_cols))
-    bm = max(16, min(_config.elements // bk, 256, triton.next_power_of_2(rows)))
+    bm = max(16, min((elements or _config.elements) // bk, 256, triton.next_power_of_2(rows)))
     return bm, bk
+
+
+def quantize_launch(rows: int, padded_cols: int, on: Tensor) -> tuple[int, int, dict[str, object]]:
+    """(BM, BK, launch options) of the fused quantize pass (``LaunchConfig.quantize_elements`` / ``quantize_warps``)."""
+    bm, bk = tile_shape(rows, padded_cols, _config.quantize_elements)
+    return bm, bk, {**launch_options(on), "num_warps": _config.quantize_warps}
 
 
 def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
@@ -355,7 +366,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
     """
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
-    bm, bk = tile_shape(m, kp)
+    bm, bk, options = quantize_launch(m, kp, x2d)
     device = x2d.device
     if seed is not None and seed.numel() == 1:  # a bare key: counter 0
         seed = torch.cat((seed.reshape(1), seed.new_zeros(1)))
@@ -377,7 +388,7 @@ def quantize_2d(x2d: Tensor, amax: Tensor, tile_rows: int, rht: bool, seed: Tens
         WRITE_VALUES=values is not None, SCALED_VALUES=scaled_values, WRITE_DEQUANTIZED=dequantized is not None,
         SIGN_MASK=SIGN_MASK, INV_6=INV_6, INV_2688=INV_2688, E2M1_X_E4M3=E2M1_X_E4M3, FLT_MAX=FLT_MAX,
         OUT_BF16_BITS=values_dtype == torch.bfloat16, DEQUANTIZED_BF16_BITS=dequantized_dtype == torch.bfloat16,
-        BM=bm, BK=bk, **launch_options(x2d),
+        BM=bm, BK=bk, **options,
     )
     return codes, scales, values, dequantized
 
