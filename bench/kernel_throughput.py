@@ -198,20 +198,23 @@ def _launch_config():
 
 
 def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> list[dict[str, object]]:
-    """Time the main quantization calls under several launch configurations (tile size, warps): the fake-quantize
-    variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR);
+    """Time the main quantization calls under several launch configurations (tile size and warps, the same for the
+    amax and the quantize passes): the fake-quantize variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR);
     then the paired X + RHT(X^T) pass under combinations of its two kernels' tiles."""
     from quant.kernels import nvfp4 as nvfp4_kernels
 
     rows = []
-    configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps)
-               for elements in (2048, 4096, 8192, 16384) for max_bk in (64, 128, 256) for warps in (4, 8)]
+    configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps, quantize_elements=elements, quantize_warps=warps)
+               for elements in (2048, 4096, 8192, 16384) for max_bk in (64, 128, 256) for warps in (2, 4, 8)]
     x = torch.randn(args.rows, args.cols, device=device, dtype=torch.bfloat16)
     seed = torch.tensor([1, 0], dtype=torch.int64, device=device)
     cases = {
         "nvfp4 1x16": lambda: kernel_ops.nvfp4_fake_quantize(x),
         "nvfp4 RHT": lambda: kernel_ops.nvfp4_fake_quantize(x, rht=True),
         "nvfp4 16x16": lambda: kernel_ops.nvfp4_fake_quantize(x, tile=(16, 16)),
+        "nvfp4 SR": lambda: kernel_ops.nvfp4_fake_quantize(x, stochastic=True, seed=seed),
+        "mxfp4 floor": lambda: kernel_ops.mxfp4_fake_quantize(x, "floor"),
+        "mxfp4 rceil": lambda: kernel_ops.mxfp4_fake_quantize(x, "rceil"),
         "QAT operand X": lambda: kernel_ops.nvfp4_quantize_scaled(x),
         "QAT operand X^T RHT+SR": lambda: kernel_ops.nvfp4_quantize_scaled(x.t(), rht=True, stochastic=True,
                                                                            seed=seed),
