@@ -33,8 +33,8 @@ Convolutions (no TE counterpart; SPEC 8.5): implicit GEMM with the reduction dim
 * wgrad ``dW = dY^T X_col``: reduction over tokens. dY^T is ``[Cout, tokens]``; the input operand is the im2col matrix
   ``[kh*kw*Cin, tokens]`` (F.unfold), blocked (and RHT'ed) along tokens. Each input pixel appears in up to kh*kw taps
   and is quantized separately in each, as an implicit-GEMM kernel would see it; this costs kh*kw times the input's
-  memory in the emulation. On the fast path, layers with vertical stride 1 and output rows of whole 16-token blocks
-  quantize only the kw column taps and multiply them with row-shifted dY^T (``_row_shared_wgrad``: the same blocks,
+  memory in the emulation. Layers with vertical stride 1 and output rows of whole 16-token blocks quantize only the
+  kw column taps and multiply them with row-shifted dY^T (``_row_shared_wgrad``: the same blocks,
   so the same codes and scales, for a third of the bytes with 3x3 kernels).
 
 ``ConvTranspose2d`` (weight [Cin, Cout, kh, kw]) is the same with the roles of the GEMMs exchanged: fprop reduces over
@@ -1007,11 +1007,12 @@ def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operan
 
 
 def _shares_row_taps(q: LayerQuantizer, geo: ConvGeometry, kernel: tuple[int, int], dy: Tensor) -> bool:
-    """Does this Conv2d's ``full`` wgrad take ``_row_shared_wgrad``? On the fast path, for NVFP4 dY^T and X operands,
-    kh > 1, vertical stride and dilation 1, and output rows of whole scale blocks (OW a multiple of 16), so no block
-    of 16 tokens spans two output rows."""
+    """Does this Conv2d's ``full`` wgrad take ``_row_shared_wgrad``? For NVFP4 dY^T and X operands, kh > 1, vertical
+    stride and dilation 1, and output rows of whole scale blocks (OW a multiple of 16), so no block of 16 tokens spans
+    two output rows. Both paths take it (on CPU it halved a 3x3 layer's ``full`` step); the im2col path stays for
+    every other geometry, and the tests hold the two to each other."""
     fmt = q.format_of("input")
-    return (gemm.fast_path(dy) and kernel[0] > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1
+    return (kernel[0] > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1
             and isinstance(fmt, layer_formats.NVFP4Layer) and q.gemm_operand_dtype("grad", "input", dy.dtype)
             is not None and dy.shape[3] % fmt.block == 0)
 

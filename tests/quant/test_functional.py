@@ -348,7 +348,7 @@ def test_stochastic_rounding_of_dy_is_unbiased_and_seeded():
 # ---------------------------------------------------------------------------------------------------------------------
 # Backward modes: convolutions
 # ---------------------------------------------------------------------------------------------------------------------
-def _conv_case(transposed: bool, mode: str):
+def _conv_case(transposed: bool, mode: str, size: tuple[int, int] = (5, 5)):
     torch.manual_seed(5)
     recipe = quant.Recipe(backward=mode, disable_stochastic_rounding=True)
     if transposed:
@@ -356,7 +356,7 @@ def _conv_case(transposed: bool, mode: str):
     else:
         module = nn.Conv2d(16, 32, 3, padding=1, stride=1)
     layer = quantized_layer(module, recipe=recipe)
-    x = torch.randn(2, 16, 5, 5, requires_grad=True)  # 50 tokens (not a multiple of 16)
+    x = torch.randn(2, 16, *size, requires_grad=True)  # 5 x 5: 50 tokens (not a multiple of 16)
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
     dy = torch.randn(y.shape).to(BF16)
@@ -391,9 +391,12 @@ def test_conv_dequantized_backward_is_autograd_of_fake_quantized_operands(transp
     assert_bf16_close(layer.weight.grad, dw)
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
-def test_conv_full_backward_quantizes_each_implicit_gemm_operand(transposed):
-    layer, x, dy, conv = _conv_case(transposed, "full")
+@pytest.mark.parametrize("transposed, size", [(False, (5, 5)), (False, (3, 16)), (True, (5, 5))],
+                         ids=["conv2d", "conv2d_row_shared", "conv_transpose2d"])
+def test_conv_full_backward_quantizes_each_implicit_gemm_operand(transposed, size):
+    """float64 math on the im2col operands. A Conv2d 16 pixels wide takes the row-shared wgrad
+    (``functional._row_shared_wgrad``): it must give the im2col's quantization all the same."""
+    layer, x, dy, conv = _conv_case(transposed, "full", size)
     w_oi = _w_oi(layer.weight.detach(), transposed)
     co, ci, kh, kw = w_oi.shape
     # dgrad: dY per output pixel along Co; W per tap as [Ci, kh*kw*Co] with 16x16 tiles over (Ci, Co).

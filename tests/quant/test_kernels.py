@@ -956,8 +956,8 @@ def _row_shared_conv_stack() -> torch.nn.Sequential:
 def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, monkeypatch):
     """The ``full`` wgrad of Conv2d layers with vertical stride 1 quantizes kw column taps of X instead of the kh*kw
     im2col taps and multiplies them with row-shifted dY^T (``functional._row_shared_wgrad``): every output and
-    gradient equals the im2col path on the fast path (SR on: the same Philox draws for dY^T) and, with RN, the
-    reference path, bit for bit (the FP32 sums are order-independent here)."""
+    gradient equals the im2col path on the fast path (SR on: the same Philox draws for dY^T) and, with RN, on the
+    reference path and across the two paths, bit for bit (the FP32 sums are order-independent here)."""
     import copy
 
     import quant
@@ -968,7 +968,12 @@ def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, m
     quant.apply(model, quant.Policy(format="nvfp4", recipe=quant.Recipe(backward="full",
                                                                         disable_stochastic_rounding=not sr)))
     x = torch.randn(2, 16, 12, 32)
-    reference = None if sr else _autocast_step(copy.deepcopy(model), x)
+    with monkeypatch.context() as im2col_wgrad:
+        im2col_wgrad.setattr(functional, "_shares_row_taps", lambda *args: False)
+        reference = None if sr else _autocast_step(copy.deepcopy(model), x)  # the reference path's im2col wgrad
+    reference_shared = None if sr else _autocast_step(copy.deepcopy(model), x)
+    for i, (got, expected) in enumerate(zip(reference_shared or [], reference or [])):
+        assert_same_bits(got, expected, f"output/gradient {i}, reference path: row-shared vs im2col wgrad")
     fast_path_on_cpu()
     for layer in quant.quantized_modules(model).values():
         layer.quantizer.prime(x.device)  # the copies below start from the same Philox state
