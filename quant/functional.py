@@ -993,7 +993,7 @@ def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operan
     if not geo.transposed:
         grad_t = None if dy_t is not None else dy_rows.t()  # [Co, T]
         x_t = x if isinstance(x, gemm.ScaledCodes) else None
-        if x_t is None and _shares_row_taps(q, geo, kernel, dy):
+        if x_t is None and _shares_row_taps(q, geo, w_shape, dy):
             return _row_shared_wgrad(q, grad_t, dy_t, x, w_shape, dtype, geo, seed, dy.shape)
         input_t = None if x_t is not None else geo.unfold(x, kernel, (dy.shape[2], dy.shape[3]))  # [kh*kw*Ci, T]
         a, b = _wgrad_pair(q, grad_t, input_t, dtype, seed, paired=(dy_t, x_t))
@@ -1006,13 +1006,19 @@ def _full_wgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor | None, x: Operan
     return dw_oi.transpose(0, 1)  # module layout [Ci, Co, kh, kw]
 
 
-def _shares_row_taps(q: LayerQuantizer, geo: ConvGeometry, kernel: tuple[int, int], dy: Tensor) -> bool:
+def _shares_row_taps(q: LayerQuantizer, geo: ConvGeometry, w_shape: torch.Size, dy: Tensor) -> bool:
     """Does this Conv2d's ``full`` wgrad take ``_row_shared_wgrad``? For NVFP4 dY^T and X operands, kh > 1, vertical
-    stride and dilation 1, and output rows of whole scale blocks (OW a multiple of 16), so no block of 16 tokens spans
-    two output rows. Both paths take it (on CPU it halved a 3x3 layer's ``full`` step); the im2col path stays for
-    every other geometry, and the tests hold the two to each other."""
+    stride and dilation 1, output rows of whole scale blocks (OW a multiple of 16, so no block of 16 tokens spans two
+    output rows), and Co <= 4 Ci. Both paths take it (on CPU it halved a 3x3 layer's ``full`` step); the im2col path
+    stays for every other geometry, and the tests hold the two to each other.
+
+    Why the channel bound: per token, the im2col path moves about 45 Ci + Co elements through memory (the 9 Ci im2col
+    written, read for the amax, read and written by the quantize pass, read by the GEMM; dY^T read), the row-shared
+    path about 15 Ci + 7 Co (the same for 3 Ci column taps, plus dY^T read, its 3 Co shifted copies written and read);
+    they break even near Co = 5 Ci (3x3 kernels)."""
     fmt = q.format_of("input")
-    return (kernel[0] > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1
+    co, ci, kh = w_shape[0], w_shape[1], w_shape[2]
+    return (kh > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1 and co <= 4 * ci
             and isinstance(fmt, layer_formats.NVFP4Layer) and q.gemm_operand_dtype("grad", "input", dy.dtype)
             is not None and dy.shape[3] % fmt.block == 0)
 

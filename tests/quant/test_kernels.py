@@ -944,11 +944,12 @@ def test_interp_full_step_pairs_x_and_dy_and_equals_per_operand_quantization(kin
 
 def _row_shared_conv_stack() -> torch.nn.Sequential:
     """Conv2d layers whose ``full`` wgrad shares row taps (output widths 32, 16, 16), with a horizontal stride, a
-    horizontal dilation, a kh of 2 without padding and a pad_h larger than kh - 1."""
+    horizontal dilation, a kh of 2 without padding and a pad_h larger than kh - 1; then one with Co > 4 Ci, which
+    keeps the im2col wgrad."""
     nn = torch.nn
     return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(32, 16, (2, 3), stride=(1, 2), padding=(0, 1)), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, padding=2, dilation=(1, 2)))
+                         nn.Conv2d(16, 16, 3, padding=2, dilation=(1, 2)), nn.ReLU(), nn.Conv2d(16, 80, 3, padding=1))
 
 
 @interp
@@ -980,7 +981,7 @@ def test_interp_row_shared_wgrad_equals_the_im2col_wgrad(sr, fast_path_on_cpu, m
     shifts, row_shifted = [], functional._row_shifted
     monkeypatch.setattr(functional, "_row_shifted", lambda *a: shifts.append(a[1]) or row_shifted(*a))
     shared = _autocast_step(copy.deepcopy(model), x)
-    assert shifts == [3, 2, 3]  # every layer took the shared path (backward order: last layer first)
+    assert shifts == [3, 2, 3]  # the first three layers took the shared path (backward order: last layer first)
     monkeypatch.setattr(functional, "_shares_row_taps", lambda *args: False)
     unshared = _autocast_step(copy.deepcopy(model), x)
     assert len(shifts) == 3
