@@ -34,8 +34,8 @@ Convolutions (no TE counterpart; SPEC 8.5): implicit GEMM with the reduction dim
   ``[kh*kw*Cin, tokens]`` (F.unfold), blocked (and RHT'ed) along tokens. Each input pixel appears in up to kh*kw taps
   and is quantized separately in each, as an implicit-GEMM kernel would see it; this costs kh*kw times the input's
   memory in the emulation. Layers with vertical stride 1 and output rows of whole 16-token blocks quantize only the
-  kw column taps and multiply them with row-shifted dY^T (``_row_shared_wgrad``: the same blocks,
-  so the same codes and scales, for a third of the bytes with 3x3 kernels).
+  kw column taps and multiply them with row-shifted dY^T (``_row_shared_wgrad``: the same blocks, so the same codes
+  and scales, for a third of the bytes with 3x3 kernels).
 
 ``ConvTranspose2d`` (weight [Cin, Cout, kh, kw]) is the same with the roles of the GEMMs exchanged: fprop reduces over
 (kh, kw, Cin) (X per pixel along Cin), dgrad is a plain convolution of dY reducing over (kh, kw, Cout) (dY per pixel

@@ -39,4 +39,3 @@ def unfold_tokens(t: Tensor, kernel: list[int], positions: list[int], stride: li
     grid_h, grid_w = sliding_grid((t.shape[2], t.shape[3]), (kh, kw), stride, padding, dilation)
     cols = cols.view(n, c, kh, kw, grid_h, grid_w)[..., : positions[0], : positions[1]]
     return cols.permute(2, 3, 1, 0, 4, 5).reshape(kh * kw * c, n * positions[0] * positions[1]).contiguous()
-

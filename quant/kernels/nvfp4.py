@@ -61,8 +61,8 @@ class LaunchConfig:
     pair_amax_tile: tuple[int, int] = (64, 128)
     pair_quantize_tile: tuple[int, int] = (32, 64)
     # the fused quantize pass (``quantize_2d``): 16 x 128 tiles on 2 warps, the same 32 elements per thread as 4096 on
-    # 4 warps but twice the programs; on an H200 its SR and RHT variants gained up to 4 points of copy bandwidth and
-    # nothing lost (``.dev``-style sweep recorded in docs/kernels.md)
+    # 4 warps but twice the programs; its RN, SR and RHT variants gained up to 5 points of copy bandwidth on an H200 and
+    # lost none beyond the spread on an H100 (the sweep in docs/kernels.md, "Latest")
     quantize_elements: int = 2048
     quantize_warps: int = 2
 

@@ -120,8 +120,8 @@ def e2m1_sr(a, byte, NATIVE: tl.constexpr):
     round-to-nearest, and the index is read off the bits of t + C the same way. Triton's CPU interpreter has no
     rounding-mode addition: there it is floor(t / step(t)) * step(t) (exact scalings)."""
     step_bits = e2m1_unit_bits(a) - 0x00800000
-    increment = ((byte.to(tl.int32) << 15) | step_bits).to(tl.float32, bitcast=True) - step_bits.to(tl.float32,
-                                                                                                    bitcast=True)
+    step = step_bits.to(tl.float32, bitcast=True)
+    increment = ((byte.to(tl.int32) << 15) | step_bits).to(tl.float32, bitcast=True) - step  # (k/256) * step, exact
     t = tl.minimum(a + increment, 6.0)
     unit = e2m1_unit_bits(t)
     if NATIVE:
