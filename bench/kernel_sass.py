@@ -62,9 +62,9 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_quantize_pass(variant: str, dtype: torch.dtype, rows: int, cols: int) -> tuple[bytes, int]:
-    """(cubin, tile elements) of the fake-quantize pass for an [rows, cols] contiguous input of ``dtype``, compiled for
-    sm_90 with the library's launch options and tile (``nvfp4_kernels.quantize_launch``)."""
+def compile_quantize_pass(variant: str, dtype: torch.dtype, rows: int, cols: int) -> tuple[bytes, float]:
+    """(cubin, elements per thread) of the fake-quantize pass for an [rows, cols] contiguous input of ``dtype``,
+    compiled for sm_90 with the library's launch options and tile (``nvfp4_kernels.quantize_launch``)."""
     kernel = nvfp4_kernels._quantize_kernel
     bm, bk, options = nvfp4_kernels.quantize_launch(rows, triton.cdiv(cols, BLOCK) * BLOCK, torch.empty(0))
     bf16 = dtype == torch.bfloat16
@@ -81,10 +81,10 @@ def compile_quantize_pass(variant: str, dtype: torch.dtype, rows: int, cols: int
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": options["num_warps"], "enable_fp_fusion": False})
-    return compiled.asm["cubin"], bm * bk
+    return compiled.asm["cubin"], bm * bk / (32 * options["num_warps"])
 
 
-def count(cubin: bytes, tile_elements: int, num_warps: int) -> SassCount:
+def count(cubin: bytes, elements_per_thread: float) -> SassCount:
     """Disassemble a cubin (``nvdisasm``, ``cuobjdump -res-usage``) and count its instructions by opcode and class."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
@@ -99,7 +99,7 @@ def count(cubin: bytes, tile_elements: int, num_warps: int) -> SassCount:
         by_class[next((c for c, members in OPCODE_CLASSES.items() if opcode in members), "other")] += n
     registers = re.search(r"REG:(\d+)", usage)
     total = sum(opcodes.values())
-    return SassCount(total, tile_elements / (32 * num_warps), int(registers.group(1)) if registers else -1,
+    return SassCount(total, elements_per_thread, int(registers.group(1)) if registers else -1,
                      dict(by_class), dict(opcodes.most_common()))
 
 
@@ -118,8 +118,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if dtype != torch.bfloat16 and any(VARIANTS[name].get("RHT") for name in names):
         parser.error("the RHT variants need --dtype bfloat16")
-    num_warps = nvfp4_kernels.quantize_launch(args.rows, args.cols, torch.empty(0))[2]["num_warps"]
-    counts = {name: count(*compile_quantize_pass(name, dtype, args.rows, args.cols), num_warps) for name in names}
+    counts = {name: count(*compile_quantize_pass(name, dtype, args.rows, args.cols)) for name in names}
     classes = list(OPCODE_CLASSES) + ["other"]
     rows = [[name, c.instructions, f"{c.instructions / c.elements_per_thread:.1f}", c.registers,
              *[c.by_class.get(k, 0) for k in classes]] for name, c in counts.items()]

@@ -199,8 +199,9 @@ def _launch_config():
 
 def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> list[dict[str, object]]:
     """Time the main quantization calls under several launch configurations (tile size and warps, the same for the
-    amax and the quantize passes): the fake-quantize variants, and the QAT layers' own calls (codes + BF16 GEMM operand in one pass: X rowwise, X^T with RHT and SR);
-    then the paired X + RHT(X^T) pass under combinations of its two kernels' tiles."""
+    amax and the quantize passes): the fake-quantize variants, and the QAT layers' own calls (codes + BF16 GEMM
+    operand in one pass: X rowwise, X^T with RHT and SR); then the paired X + RHT(X^T) pass under combinations of its
+    two kernels' tiles."""
     from quant.kernels import nvfp4 as nvfp4_kernels
 
     rows = []

@@ -59,13 +59,15 @@ from quant import kernels, nvfp4
 class Relaid:
     """An NVFP4 tensor used as the operand of another GEMM, in that GEMM's 2-D layout, without requantizing.
 
-    Valid when every scale block of ``source`` is also a scale block of the new layout: the 16x16 weight tiles, which
-    cover the same 16x16 elements whether W or W^T (or, for a convolution, one tap's [Co, Ci] or [Ci, Co]) is blocked,
-    so the codes, scales and amax are those TE's columnwise quantization produces (SPEC 1.4). ``source`` may also be
-    the forward's ``ScaledCodes`` (fast path: the saved GEMM operand itself, no decode pass)."""
+    Valid when every scale block of the new layout is a scale block of ``source`` (or all zeros) and the amax is
+    unchanged: the 16x16 weight tiles, which cover the same 16x16 elements whether W or W^T (or, for a convolution,
+    one tap's [Co, Ci] or [Ci, Co]) is blocked, so the codes, scales and amax are those TE's columnwise quantization
+    produces (SPEC 1.4); and dY^T's token blocks moved by whole rows with zero blocks between them
+    (``quant.functional._row_shared_wgrad``). ``source`` may also be a ``Prescaled`` operand or the forward's
+    ``ScaledCodes`` (fast path: the saved GEMM operand itself, no decode pass)."""
 
-    source: nvfp4.NVFP4Tensor | ScaledCodes
-    layout: Callable[[Tensor], Tensor]  # source's [rows, cols] values -> this GEMM's 2-D operand (a view)
+    source: nvfp4.NVFP4Tensor | Prescaled | ScaledCodes
+    layout: Callable[[Tensor], Tensor]  # source's [rows, cols] values -> this GEMM's 2-D operand (a view or a copy)
 
     @property
     def amax(self) -> Tensor:

@@ -17,8 +17,8 @@ What is load-bearing (each item was a way to silently break bit-compatibility):
   four selects per element.
 * BF16 outputs: the hardware ``cvt.rn.bf16.f32`` (RNE) when compiled for a GPU, integer rounding under Triton's CPU
   interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.launch_options``).
-* Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` is exact, so
-  FMA contraction cannot change it), t rounded down to a multiple of step(t), saturated at 6: on a GPU one addition
+* Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` formed exactly
+  from bit patterns, no multiply), t rounded down to a multiple of step(t), saturated at 6: on a GPU one addition
   rounding toward -inf (``libdevice.add_rd``) of step(t) * 2^23, in the interpreter (no rounding-mode addition)
   ``floor(t / step(t)) * step(t)`` with the division an exact multiplication by a power of two.
 * Divisions that must be correctly rounded use ``tl.div_rn``: Triton's ``/`` on float32 lowers to the approximate
