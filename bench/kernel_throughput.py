@@ -205,7 +205,8 @@ def run_sweep(args: argparse.Namespace, device: torch.device, kernel_ops) -> lis
     from quant.kernels import nvfp4 as nvfp4_kernels
 
     rows = []
-    configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps, quantize_elements=elements, quantize_warps=warps)
+    configs = [nvfp4_kernels.LaunchConfig(elements, max_bk, warps, quantize_elements=elements, quantize_warps=warps,
+                                          mx_elements=elements, mx_warps=warps)
                for elements in (2048, 4096, 8192, 16384) for max_bk in (64, 128, 256) for warps in (2, 4, 8)]
     x = torch.randn(args.rows, args.cols, device=device, dtype=torch.bfloat16)
     seed = torch.tensor([1, 0], dtype=torch.int64, device=device)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from quant.kernels.nvfp4 import _storage_view, launch_options, tile_index, tile_shape
+from quant.kernels.nvfp4 import _storage_view, launch_options, quantize_launch, tile_index, tile_shape
 from quant.kernels.rounding import e2m1_code_value, e2m1_rne, exp2i, sign_bit, store_values, with_sign_bit
 from quant.mxfp4 import BLOCK, SCALE_RULES
 
@@ -134,7 +134,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
         raise ValueError(f"scale_rule={scale_rule!r}; valid: {SCALE_RULES}")
     m, k = x2d.shape
     kp = triton.cdiv(k, BLOCK) * BLOCK
-    bm, bk = tile_shape(m, kp)
+    bm, bk, options = quantize_launch(m, kp, x2d, mx=True)
     device = x2d.device
     codes = scales = values = None
     if write_codes:
@@ -148,7 +148,7 @@ def quantize_2d(x2d: Tensor, scale_rule: str, write_codes: bool, values_dtype: t
         x2d, x2d.stride(0), x2d.stride(1), m, k, kp, placeholder if values is None else _storage_view(values),
         placeholder if codes is None else codes, placeholder if scales is None else scales, flag, ticket,
         RCEIL=scale_rule == "rceil", WRITE_CODES=write_codes, WRITE_VALUES=values is not None,
-        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk, **launch_options(x2d),
+        OUT_BF16_BITS=values_dtype == torch.bfloat16, BM=bm, BK=bk, **options,
     )
     return codes, scales, values
 

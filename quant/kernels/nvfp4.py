@@ -36,6 +36,8 @@ from quant.kernels.rounding import (
     e2m1_sr,
     e4m3_round,
     e4m3_value,
+    join_halves,
+    rht_halves,
     rht_tile,
     sign_bit,
     store_values,
@@ -65,6 +67,10 @@ class LaunchConfig:
     # lost none beyond the spread on an H100 (the sweep in docs/kernels.md, "Latest")
     quantize_elements: int = 2048
     quantize_warps: int = 2
+    # the one-pass MXFP4 kernel: 16 x 128 tiles on 4 warps (16 elements per thread); its floor rule on BF16 went from
+    # 83% to 99% of copy bandwidth on an H100 against 4096 elements on 4 warps (docs/kernels.md, "Latest")
+    mx_elements: int = 2048
+    mx_warps: int = 4
 
 
 _config = LaunchConfig()
@@ -104,17 +110,44 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
     return tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0)
 
 
+@triton.jit
+def _load_halves(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr):
+    """Tile (pid_m, pid_k) [BM, BK] of x [M, K] as the halves [BM, BK/16, 8] of its 16-blocks (``rounding.halves``),
+    zeros outside x: two loads of one shape, so each 16-block lands in one thread."""
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (pid_k * BK + tl.arange(0, BK // 16) * 16).to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]  # [NB, 8]
+    ptrs = x_ptr + rows[:, None, None] * stride_m + cols[None, :, :] * stride_k
+    row_ok = (rows < M)[:, None, None]
+    low = tl.load(ptrs, mask=row_ok & (cols < K)[None, :, :], other=0.0)
+    high = tl.load(ptrs + 8 * stride_k, mask=row_ok & (cols + 8 < K)[None, :, :], other=0.0)
+    return low, high
+
+
+@triton.jit
+def _load_blocks(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, RHT: tl.constexpr, SIGN_MASK: tl.constexpr,
+                 NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Tile (pid_m, pid_k) of x as float32 16-blocks [BM, BK/16, 16], RHT'ed if RHT.
+
+    The RHT loads the tile by halves (``_load_halves``), so its butterflies (``rounding.rht_halves``) and then the
+    block max, the scale and the SR bits of each block stay in one thread; each of the two loads uses half of every
+    32-byte sector it touches, which cost the round-to-nearest pass a quarter of its bandwidth on an H100 (72% of a
+    copy against 99%), so the passes without RHT, bound by memory rather than by instructions, keep the plain [BM, BK]
+    load (a block over two threads). The RHT+SR pass gained 5 points of copy bandwidth from this over the
+    tensor-core RHT (docs/kernels.md, "Latest")."""
+    if RHT:
+        low, high = _load_halves(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+        return join_halves(*rht_halves(low, high, SIGN_MASK, NATIVE_BF16))
+    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
+    return tl.reshape(x, (BM, BK // 16, 16)).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M", "ticket"])
 def _amax_kernel(x_ptr, stride_m, stride_k, M, K, amax_ptr, flag_ptr, ticket,
                  RHT: tl.constexpr, SIGN_MASK: tl.constexpr, FLT_MAX: tl.constexpr, NATIVE_BF16: tl.constexpr,
                  BM: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_k = tile_index(K, BK, False)
-    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
-    if RHT:
-        x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
-    else:
-        x = x.to(tl.float32)
-    _record_amax(x, amax_ptr, flag_ptr, ticket, FLT_MAX)
+    blocks = _load_blocks(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, RHT, SIGN_MASK, NATIVE_BF16, BM, BK)
+    _record_amax(tl.reshape(blocks, (BM, BK)), amax_ptr, flag_ptr, ticket, FLT_MAX)
 
 
 @triton.jit
@@ -151,26 +184,22 @@ def _quantize_kernel(
     BM: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m, pid_k = tile_index(KP, BK, True)  # backwards: the amax pass just read the last tiles
-    x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
-    if RHT:
-        x = rht_tile(x, BM, BK, SIGN_MASK, NATIVE_BF16)
-    else:
-        x = x.to(tl.float32)  # [BM, BK]
-    _quantize_tile(x, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
+    blocks = _load_blocks(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, RHT, SIGN_MASK, NATIVE_BF16, BM, BK)
+    _quantize_tile(blocks, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
                    TILE_ROWS, STOCHASTIC, WRITE_CODES, WRITE_VALUES, SCALED_VALUES, WRITE_DEQUANTIZED, INV_6, INV_2688,
                    E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS, DEQUANTIZED_BF16_BITS, NATIVE_BF16, BM, BK)
 
 
 @triton.jit
 def _quantize_tile(
-    x, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
+    blocks, pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, codes_ptr, scales_ptr, dequantized_ptr,
     TILE_ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, WRITE_CODES: tl.constexpr, WRITE_VALUES: tl.constexpr,
     SCALED_VALUES: tl.constexpr, WRITE_DEQUANTIZED: tl.constexpr, INV_6: tl.constexpr, INV_2688: tl.constexpr,
     E2M1_X_E4M3: tl.constexpr, FLT_MAX: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
     DEQUANTIZED_BF16_BITS: tl.constexpr, NATIVE_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """SPEC 1.2 steps 2-9 on the float32 tile x [BM, BK] at tile (pid_m, pid_k) of an [M, K] operand blocked along K
-    (KP = K rounded up to 16), and its stores (the outputs as in ``_quantize_kernel``)."""
+    """SPEC 1.2 steps 2-9 on the float32 16-blocks [BM, BK/16, 16] of tile (pid_m, pid_k) of an [M, K] operand blocked
+    along K (KP = K rounded up to 16), and its stores (the outputs as in ``_quantize_kernel``)."""
     NB: tl.constexpr = BK // 16
     # SPEC 1.2 steps 2-4 (per program; a handful of scalar operations)
     amax = tl.load(amax_ptr)
@@ -181,9 +210,8 @@ def _quantize_tile(
     multiplier = s_enc * INV_6
 
     # steps 5-7: block max, one rounding to E4M3, encode factor = 1 / (s_b * S_dec)
-    blocks = tl.reshape(x, (BM, NB, 16))
     if TILE_ROWS == 16:
-        tiles = tl.max(tl.max(tl.reshape(tl.abs(x), (BM // 16, 16, NB, 16)), axis=3), axis=1)  # [BM/16, NB]
+        tiles = tl.max(tl.max(tl.reshape(tl.abs(blocks), (BM // 16, 16, NB, 16)), axis=3), axis=1)  # [BM/16, NB]
         block_amax = tl.reshape(tl.broadcast_to(tiles[:, None, :], (BM // 16, 16, NB)), (BM, NB))
     else:
         block_amax = tl.max(tl.abs(blocks), axis=2)  # [BM, NB]
@@ -267,16 +295,19 @@ def _quantize_pair_kernel(
 ):
     """x's two NVFP4 operands of a ``full`` training step from one read: x 1x16-blocked along K (the forward's X, the
     dgrad's dY) and RHT(x^T) 1x16-blocked along M (the wgrad's X^T and dY^T), each written as its scaled codes in the
-    ``_quantize_kernel`` tile chain, so each equals that kernel's output bit for bit (SR: the same Philox bits)."""
+    ``_quantize_kernel`` tile chain, so each equals that kernel's output bit for bit (SR: the same Philox bits). The
+    RHT of x^T runs along the tile's rows, spread over threads, so here it is the tensor-core product
+    (``rounding.rht_tile``), not ``_quantize_kernel``'s butterflies: the same bits wherever the FP32 sums of the
+    chunks are exact (``rounding.rht_halves``); the GPU tests find no difference on their hard tensors either."""
     pid_m, pid_k = tile_index(KP, BK, True)
     x = _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
-    _quantize_tile(x.to(tl.float32), pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
-                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS,
-                   False, NATIVE_BF16, BM, BK)
+    _quantize_tile(tl.reshape(x.to(tl.float32), (BM, BK // 16, 16)), pid_m, pid_k, M, K, KP, amax_ptr, seed_ptr,
+                   out_ptr, out_ptr, out_ptr, out_ptr, 1, STOCHASTIC, False, True, True, False, INV_6, INV_2688,
+                   E2M1_X_E4M3, FLT_MAX, OUT_BF16_BITS, False, NATIVE_BF16, BM, BK)
     rotated = rht_tile(tl.trans(x), BK, BM, SIGN_MASK, NATIVE_BF16)  # [BK, BM]: x^T's tile, RHT'ed along M
-    _quantize_tile(rotated, pid_k, pid_m, K, M, M, amax_t_ptr, seed_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr, out_t_ptr,
-                   1, STOCHASTIC, False, True, True, False, INV_6, INV_2688, E2M1_X_E4M3, FLT_MAX, OUT_T_BF16_BITS,
-                   False, NATIVE_BF16, BK, BM)
+    _quantize_tile(tl.reshape(rotated, (BK, BM // 16, 16)), pid_k, pid_m, K, M, M, amax_t_ptr, seed_t_ptr, out_t_ptr,
+                   out_t_ptr, out_t_ptr, out_t_ptr, 1, STOCHASTIC, False, True, True, False, INV_6, INV_2688,
+                   E2M1_X_E4M3, FLT_MAX, OUT_T_BF16_BITS, False, NATIVE_BF16, BK, BM)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -310,11 +341,11 @@ def _decode_kernel(codes_ptr, scales_ptr, amax_ptr, out_ptr, M, K, KP,
 def _rht_kernel(x_ptr, stride_m, stride_k, M, K, out_ptr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr,
                 BM: tl.constexpr, BK: tl.constexpr):
     pid_m, pid_k = tile_index(K, BK, False)
-    y = rht_tile(_load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK), BM, BK, SIGN_MASK, NATIVE_BF16)
+    y = _load_blocks(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, True, SIGN_MASK, NATIVE_BF16, BM, BK)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
-    store_values(out_ptr + rows[:, None] * K + cols[None, :], y, (rows < M)[:, None] & (cols < K)[None, :], True,
-                 NATIVE_BF16)
+    store_values(out_ptr + rows[:, None] * K + cols[None, :], tl.reshape(y, (BM, BK)),
+                 (rows < M)[:, None] & (cols < K)[None, :], True, NATIVE_BF16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,17 +364,20 @@ def tile_shape(rows: int, padded_cols: int, elements: int | None = None) -> tupl
     return bm, bk
 
 
-def quantize_launch(rows: int, padded_cols: int, on: Tensor) -> tuple[int, int, dict[str, object]]:
-    """(BM, BK, launch options) of the fused quantize pass (``LaunchConfig.quantize_elements`` / ``quantize_warps``)."""
-    bm, bk = tile_shape(rows, padded_cols, _config.quantize_elements)
-    return bm, bk, {**launch_options(on), "num_warps": _config.quantize_warps}
+def quantize_launch(rows: int, padded_cols: int, on: Tensor, mx: bool = False) -> tuple[int, int, dict[str, object]]:
+    """(BM, BK, launch options) of the fused NVFP4 quantize pass (``LaunchConfig.quantize_elements`` /
+    ``quantize_warps``), or with ``mx`` of the one-pass MXFP4 kernel (``mx_elements`` / ``mx_warps``)."""
+    elements, warps = (_config.mx_elements, _config.mx_warps) if mx else (_config.quantize_elements,
+                                                                         _config.quantize_warps)
+    bm, bk = tile_shape(rows, padded_cols, elements)
+    return bm, bk, {**launch_options(on), "num_warps": warps}
 
 
 def global_amax(x2d: Tensor, rht: bool, flag: Tensor, ticket: int) -> Tensor:
     """max |x| (of RHT(x) if ``rht``) as float32 [1]; +inf if x holds NaN or Inf (or the RHT overflows BF16), in which
     case ``ticket`` is atomic-min'ed into the int64 ``flag`` (``quant.kernels.checks``)."""
     m, k = x2d.shape
-    bm, bk = tile_shape(m, k)
+    bm, bk = tile_shape(m, triton.cdiv(k, BLOCK) * BLOCK)  # whole 16-blocks (``_load_halves``)
     amax = torch.zeros(1, dtype=torch.float32, device=x2d.device)
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
     _amax_kernel[grid](x2d, x2d.stride(0), x2d.stride(1), m, k, amax, flag, ticket, RHT=rht, SIGN_MASK=SIGN_MASK,

@@ -18,9 +18,12 @@ What is load-bearing (each item was a way to silently break bit-compatibility):
 * BF16 outputs: the hardware ``cvt.rn.bf16.f32`` (RNE) when compiled for a GPU, integer rounding under Triton's CPU
   interpreter (which truncates that cast); the kernels take this as ``NATIVE_BF16`` (``nvfp4.launch_options``).
 * Stochastic rounding follows TE's software fallback (SPEC 1.7): ``t = a + u * step(a)`` (``u * step`` formed exactly
-  from bit patterns, no multiply), t rounded down to a multiple of step(t), saturated at 6: on a GPU one addition
-  rounding toward -inf (``libdevice.add_rd``) of step(t) * 2^23, in the interpreter (no rounding-mode addition)
-  ``floor(t / step(t)) * step(t)`` with the division an exact multiplication by a power of two.
+  from bit patterns, no multiply), t rounded down to a multiple of step(t), saturated at 6, computed as t rounded
+  down to a multiple of step(a), which ``e2m1_sr`` shows is the same grid value: on a GPU one addition rounding toward
+  -inf (``libdevice.add_rd``) of step(a) * 2^23, in the interpreter (no rounding-mode addition)
+  ``floor(t / step(a)) * step(a)`` with the division an exact multiplication by a power of two.
+* The RHT is a fast Walsh-Hadamard transform on chunks held by one thread (``rht_halves``), or a tensor-core product
+  where a chunk is spread over threads (``rht_tile``); the two agree wherever the FP32 sum of a chunk is exact.
 * Divisions that must be correctly rounded use ``tl.div_rn``: Triton's ``/`` on float32 lowers to the approximate
   ``div.full.f32`` on NVIDIA GPUs. Kernels are also launched with ``enable_fp_fusion=False``.
 """
@@ -111,29 +114,33 @@ def e2m1_sr(a, byte, NATIVE: tl.constexpr):
     """Stochastic E2M1 rounding of |y| = a (float32 >= 0) with the random byte k (0..255): (grid magnitude float32,
     magnitude index int32), TE's software fallback (SPEC 1.7), the bytes of ``numerics.e2m1_encode_stochastic``.
 
-    t = a + (k/256) * step(a), then t rounded down to a multiple of step(t), saturated at 6 (``e2m1_unit_bits`` gives
-    the steps from the exponent bits; NaN counts as 6). The increment comes from bits, with no multiply or
-    integer-to-float conversion: step(a) is a power of two, so k in the top 8 mantissa bits of step(a) is
-    (1 + k/256) * step(a), and subtracting step(a) is exact. Clamping t to 6 changes nothing: from 6 on the rounded
-    value is at least 6. NATIVE (compiled for a GPU): one addition rounding toward -inf (``add.rm.f32``) of
-    C = step(t) * 2^23, where float32's spacing is the step, and an exact subtraction of C, as ``e2m1_rne`` does with
-    round-to-nearest, and the index is read off the bits of t + C the same way. Triton's CPU interpreter has no
-    rounding-mode addition: there it is floor(t / step(t)) * step(t) (exact scalings)."""
-    step_bits = e2m1_unit_bits(a) - 0x00800000
+    TE: t = a + (k/256) * step(a), then t rounded down to a multiple of step(t), saturated at 6 (NaN counts as 6).
+    Here t is rounded down to a multiple of step(a) instead, with no saturation, which gives the same grid value:
+    a is clamped to 6 first (NaN and +inf as well; it changes no result), and t < a + step(a). Where t lands in the
+    next range up (step(t) = 2 step(a)), it is below that range's start plus step(a), which both rules round down to
+    the start (2 or 4); on the top range, t < 6 + 2 rounds down to 4 or 6. So only one step is needed, read off the
+    exponent bits of a (``e2m1_unit_bits``), and the increment comes from bits, with no multiply or integer-to-float
+    conversion: step(a) is a power of two, so k in the top 8 mantissa bits of step(a) is (1 + k/256) * step(a), and
+    subtracting step(a) is exact. NATIVE (compiled for a GPU): one addition rounding toward -inf (``add.rm.f32``) of
+    C = step(a) * 2^23 (t < C, so t + C lies where float32's spacing is the step) and an exact subtraction of C, as
+    ``e2m1_rne`` does with round-to-nearest; the index is read off the bits of t + C the same way. Triton's CPU
+    interpreter has no rounding-mode addition: there it is floor(t / step(a)) * step(a) (exact scalings)."""
+    a = tl.minimum(a, 6.0)
+    unit = e2m1_unit_bits(a)
+    step_bits = unit - 0x00800000
     step = step_bits.to(tl.float32, bitcast=True)
     increment = ((byte.to(tl.int32) << 15) | step_bits).to(tl.float32, bitcast=True) - step  # (k/256) * step, exact
-    t = tl.minimum(a + increment, 6.0)
-    unit = e2m1_unit_bits(t)
+    t = a + increment
     if NATIVE:
         magic_bits = unit + (22 << 23)
-        magic = magic_bits.to(tl.float32, bitcast=True)  # C = step(t) * 2^23
+        magic = magic_bits.to(tl.float32, bitcast=True)  # C = step(a) * 2^23
         shifted = libdevice.add_rd(t, magic)
         steps = shifted.to(tl.int32, bitcast=True) - magic_bits
         magnitude = shifted - magic
     else:
         quotient = tl.floor(t * (0x7F800000 - unit).to(tl.float32, bitcast=True))
         steps = quotient.to(tl.int32)
-        magnitude = quotient * (unit - 0x00800000).to(tl.float32, bitcast=True)
+        magnitude = quotient * step
     return magnitude, steps + ((unit >> 22) - 254)
 
 
@@ -192,6 +199,20 @@ def bf16_round(v, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def bf16_round_pair(a, b, NATIVE: tl.constexpr):
+    """``bf16_round`` of two float32 tensors of one shape and layout. NATIVE: one packed hardware conversion
+    (``cvt.rn.bf16x2.f32``) per pair of values and two integer operations to widen them back, instead of a scalar
+    conversion (on the slower conversion pipe) and a widening per value."""
+    if NATIVE:
+        low_bits, high_bits = tl.inline_asm_elementwise(
+            "{ .reg .b32 packed; cvt.rn.bf16x2.f32 packed, $3, $2; shl.b32 $0, packed, 16; "
+            "and.b32 $1, packed, 0xffff0000; }",
+            "=r,=r,r,r", [a, b], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+        return low_bits.to(tl.float32, bitcast=True), high_bits.to(tl.float32, bitcast=True)
+    return bf16_round(a, NATIVE), bf16_round(b, NATIVE)
+
+
+@triton.jit
 def bf16_bits(v, NATIVE: tl.constexpr, NO_NAN: tl.constexpr = False):
     """float32 tensor -> bit pattern (int16) of its bfloat16 rounding (RNE): stored through an int16 view of the output.
 
@@ -220,12 +241,71 @@ def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: t
 
 
 @triton.jit
+def halves(blocks):
+    """16-blocks [R, NB, 16] -> their halves [R, NB, 8] twice: elements 0-7 and 8-15 of each block."""
+    return tl.split(tl.permute(tl.reshape(blocks, (blocks.shape[0], blocks.shape[1], 2, 8)), (0, 1, 3, 2)))
+
+
+@triton.jit
+def join_halves(low, high):
+    """Inverse of ``halves``: [R, NB, 8] twice -> the chunks [R, NB, 16]."""
+    R: tl.constexpr = low.shape[0]
+    NB: tl.constexpr = low.shape[1]
+    return tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), (R, NB, 16))
+
+
+@triton.jit
+def _butterfly(v, BIT: tl.constexpr):
+    """One Walsh-Hadamard stage on bit BIT of the last dim (size 8) of v [R, NB, 8]: (a + b, a - b) for each pair
+    (a, b) of positions that differ only in that bit."""
+    R: tl.constexpr = v.shape[0]
+    NB: tl.constexpr = v.shape[1]
+    v = tl.reshape(v, (R, NB, 2, 2, 2))  # position bits 2, 1, 0
+    if BIT == 1:
+        v = tl.permute(v, (0, 1, 2, 4, 3))
+    elif BIT == 2:
+        v = tl.permute(v, (0, 1, 4, 3, 2))
+    a, b = tl.split(v)
+    v = tl.join(a + b, a - b)
+    if BIT == 1:
+        v = tl.permute(v, (0, 1, 2, 4, 3))
+    elif BIT == 2:
+        v = tl.permute(v, (0, 1, 4, 3, 2))
+    return tl.reshape(v, (R, NB, 8))
+
+
+@triton.jit
+def rht_halves(low, high, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """TE's RHT (SPEC 1.6) of 16-chunks given as halves (``halves``) of BF16 values: float32 halves holding the
+    BF16-rounded transform y = x diag(s) H / 4, H the 16x16 Sylvester Hadamard matrix.
+
+    As a fast Walsh-Hadamard transform, H16 = H2 (x) H8: the signs (exact negations), three butterfly stages inside
+    each half, one across the halves, the exact scaling by 1/4, one rounding to BF16. The chunk sits in one thread, so
+    this is 4 additions per element on the FMA pipe, where a tensor-core product needs the operands moved into and
+    out of its register layout. Every partial sum is bounded by the sum of the 16 magnitudes, so whenever the FP32
+    sum of the chunk is exact (16 BF16 values spanning less than about 2^12) every stage is exact and the result is
+    the exact transform rounded once, as TE's BF16 x BF16 -> FP32 tensor-core kernel gives; beyond that the last
+    FP32 bit depends on the summation order, which differs between tensor cores, the CPU reference and this."""
+    position = tl.arange(0, 8)
+    low = low.to(tl.float32)
+    high = high.to(tl.float32)
+    low = tl.where(((SIGN_MASK >> position) & 1) == 1, -low, low)
+    high = tl.where(((SIGN_MASK >> (position + 8)) & 1) == 1, -high, high)
+    for bit in tl.static_range(3):
+        low = _butterfly(low, bit)
+        high = _butterfly(high, bit)
+    return bf16_round_pair((low + high) * 0.25, (low - high) * 0.25, NATIVE_BF16)
+
+
+@triton.jit
 def rht_tile(x, BM: tl.constexpr, BK: tl.constexpr, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    """RHT of each 16-chunk of the rows of a bfloat16 tile [BM, BK] (SPEC 1.6), returned as float32 [BM, BK] holding
-    bfloat16 values: a BF16 x BF16 matrix product with FP32 accumulation on the tensor cores, as TE's Hadamard kernel
-    computes it (BF16 MMA), then one rounding to BF16. The products of BF16 inputs with +-1/4 are exact, so the result
-    is the exact transform rounded once whenever the FP32 sum is exact (chunks spanning less than about 2^12 in
-    magnitude); beyond that the last FP32 bit may depend on the accumulation order, as it does between GPUs.
+    """RHT of each 16-chunk of the rows of a bfloat16 tile [BM, BK] (SPEC 1.6) whose chunks are spread over threads
+    (the pair kernels' transposed tiles), returned as float32 [BM, BK] holding bfloat16 values: a BF16 x BF16 matrix
+    product with FP32 accumulation on the tensor cores, as TE's Hadamard kernel computes it, then one rounding to BF16.
+    The tensor cores move the data between threads themselves; the butterflies of ``rht_halves`` would need a chunk in
+    one thread, which a transposed tile does not give (Triton's layouts then exchange every value between threads
+    several times). Both are the exact transform rounded once whenever the FP32 sum is exact (chunks spanning less
+    than about 2^12 in magnitude); beyond that the last FP32 bit may depend on the accumulation order.
     Under Triton's CPU interpreter (not NATIVE_BF16), whose dot misreads BF16 operands, the same products are summed
     in FP32 from FP32 operands."""
     if NATIVE_BF16:

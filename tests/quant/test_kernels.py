@@ -217,13 +217,17 @@ def test_interp_nvfp4_reads_strided_views():
 
 def rounding_probe_inputs() -> torch.Tensor:
     """float32 inputs for the device rounding rules: every bfloat16 bit pattern (signs, subnormals, +-inf, NaNs), the
-    float32 neighbours of each E2M1 tie and saturation point, and 2^17 random float32 bit patterns."""
+    float32 neighbours of each E2M1 tie and saturation point, 2^17 random float32 bit patterns, and values in the top
+    step of each E2M1 range (where t = a + u * step(a) crosses into the next range: the kernel rounds t down with
+    step(a), the reference with step(t)), each 256 times in a row, so each meets every random byte (97 i mod 256)."""
     every_bf16 = (torch.arange(-2**15, 2**15, dtype=torch.int32) << 16).view(torch.float32)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 2.0, 4.0])
     around = torch.cat([ties, torch.nextafter(ties, torch.zeros(())), torch.nextafter(ties, torch.full((), 8.0))])
     random_bits = torch.randint(-2**31, 2**31 - 1, (2**17,), generator=torch.Generator().manual_seed(0),
                                 dtype=torch.int32).view(torch.float32)
-    return torch.cat([every_bf16, around, -around, random_bits])
+    top_steps = torch.cat([torch.linspace(1.5, 2.0, 65), torch.linspace(3.0, 4.0, 65), torch.linspace(5.0, 6.0, 65)])
+    top_steps = torch.cat([top_steps, torch.nextafter(torch.tensor([2.0, 4.0, 6.0]), torch.zeros(()))])
+    return torch.cat([every_bf16, around, -around, random_bits, top_steps.repeat_interleave(256)])
 
 
 def check_rounding_probe(device: str, native_bf16: bool) -> None:
