@@ -167,7 +167,27 @@ def _philox_block_bits(key, counter, block_index):
     low = block_index.to(tl.uint32)
     zero = low * 0
     high = (block_index >> 32).to(tl.uint32)
-    return tl.philox(key, low, high, zero + counter.to(tl.uint32), zero + (counter >> 32).to(tl.uint32))
+    key = key.to(tl.uint64)
+    return _philox(low, high, zero + counter.to(tl.uint32), zero + (counter >> 32).to(tl.uint32),
+                   (key & 0xFFFFFFFF).to(tl.uint32), (key >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1), all uint32: ``tl.philox``'s constants,
+    rounds and word order, with each round's two 32 x 32-bit products formed as 64-bit products, one multiply giving
+    both the high and the low word (``mul.wide.u32``) where ``tl.philox`` issues a high and a low multiply. The
+    stochastic-rounding passes are bound by instruction issue, and this is 40 of their instructions per thread."""
+    for _ in tl.static_range(10):
+        product_2 = c2.to(tl.uint64) * 0xCD9E8D57  # PHILOX_ROUND_B * c2
+        product_0 = c0.to(tl.uint64) * 0xD2511F53  # PHILOX_ROUND_A * c0
+        c0 = (product_2 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (product_0 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = product_2.to(tl.uint32)
+        c3 = product_0.to(tl.uint32)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
 
 
 @triton.jit(do_not_specialize=["M"])

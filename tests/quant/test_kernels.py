@@ -46,6 +46,7 @@ if HAS_TRITON:
     import triton.language as tl
     from triton import jit
 
+    from quant.kernels.nvfp4 import _philox_block_bits
     from quant.kernels.rounding import (
         bf16_bits,
         e2m1_magnitude,
@@ -71,6 +72,39 @@ if HAS_TRITON:
         tl.store(sr_index_ptr + offsets, sr_index, mask=mask)
         tl.store(decoded_ptr + offsets, e2m1_magnitude(index), mask=mask)
         tl.store(bf16_ptr + offsets, bf16_bits(x, NATIVE_BF16), mask=mask)
+
+
+    @jit
+    def _philox_probe_kernel(key_ptr, counter_ptr, index_ptr, ours_ptr, triton_ptr, n, BLOCK: tl.constexpr):
+        """Philox words of ``nvfp4._philox_block_bits`` and of ``tl.philox`` for the same keys and counters."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        key = tl.load(key_ptr + offsets, mask=mask, other=0)
+        counter = tl.load(counter_ptr + offsets, mask=mask, other=0)
+        index = tl.load(index_ptr + offsets, mask=mask, other=0)
+        ours = _philox_block_bits(key, counter, index)
+        theirs = tl.philox(key, index.to(tl.uint32), (index >> 32).to(tl.uint32), counter.to(tl.uint32),
+                           (counter >> 32).to(tl.uint32))
+        for word in tl.static_range(4):
+            tl.store(ours_ptr + 4 * offsets + word, ours[word].to(tl.int32, bitcast=True), mask=mask)
+            tl.store(triton_ptr + 4 * offsets + word, theirs[word].to(tl.int32, bitcast=True), mask=mask)
+
+
+def check_philox(device: str) -> None:
+    """``nvfp4._philox`` (64-bit products) gives ``tl.philox``'s words for random 64-bit keys, counters and block
+    indices: the SR stream did not change when the rounds were rewritten."""
+    import triton
+
+    g = torch.Generator().manual_seed(11)
+    n = 4096
+    key, counter, index = (torch.randint(-2**63, 2**63 - 1, (n,), generator=g, dtype=torch.int64).to(device)
+                           for _ in range(3))
+    index = index.abs()  # block indices are non-negative
+    ours = torch.empty(4 * n, dtype=torch.int32, device=device)
+    theirs = torch.empty_like(ours)
+    _philox_probe_kernel[(triton.cdiv(n, 512),)](key, counter, index, ours, theirs, n, BLOCK=512)
+    assert_same_bits(ours.cpu(), theirs.cpu(), "Philox words")
+    assert len(set(ours.cpu().tolist())) > 4 * n - 8  # and they are not constant
 
 
 def _kernel_ops():
@@ -284,6 +318,11 @@ def test_quantize_pass_compiled_for_hopper_has_no_rounding_conversions(variant):
 @interp
 def test_interp_rounding_rules_on_every_bf16_and_random_float32():
     check_rounding_probe("cpu", native_bf16=False)
+
+
+@interp
+def test_interp_philox_equals_tritons():
+    check_philox("cpu")
 
 
 @interp
@@ -1176,6 +1215,11 @@ def test_gpu_float32_subnormals_and_tiny_blocks(dtype):
 @pytest.mark.parametrize("shape", [(2048, 2048), (77, 100), (8, 128, 544)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_mxfp4_matches_cpu_reference(shape, dtype, scale_rule):
     check_mxfp4(hard_tensor(shape, dtype, seed=4).cuda(), scale_rule, _PublicMXFP4)
+
+
+@gpu_test
+def test_gpu_philox_equals_tritons():
+    check_philox("cuda")
 
 
 @gpu_test
