@@ -352,6 +352,10 @@ class LayerQuantizer:
         same_format = self.format_of(role_a).name == self.format_of(role_b).name
         return dtype if {role_a, role_b} <= self.roles and same_format else None
 
+    def multiplies_nvfp4(self, role_a: str, role_b: str) -> bool:
+        """Are both operands of a GEMM (their roles) NVFP4, so that it multiplies scaled codes times TE's alpha?"""
+        return {role_a, role_b} <= self.roles and all(self.format_of(r).name == "nvfp4" for r in (role_a, role_b))
+
     def reuses_fprop_weight(self) -> bool:
         """Does the dgrad GEMM use the forward's quantized W (relaid) instead of quantizing W^T? (``full`` backward)"""
         return "weight" in self.roles and self.format_of("weight").dgrad_weight_is_fprop_weight(self.recipe)
@@ -796,14 +800,16 @@ class ConvGeometry:
         return im2col.unfold_tokens(*args)
 
 
-def _contraction(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+def _contraction(geo: ConvGeometry, kernel: tuple[int, int], t: Tensor, dtype: torch.dtype, nvfp4_pair: bool
+                 ) -> tuple[str, torch.dtype]:
     """How a layer's forward and ``full`` dgrad contract on t's device, and the dtype of their operands' scaled codes:
     "gemm" (``ConvGeometry.pointwise`` on the fast path, BF16 or FP16 compute: ``gemm.mm`` of pixel rows), "cudnn"
-    (fast path, BF16 compute, cuDNN's graph API present: ``scaled_conv`` of two NVFP4 operands), else "fp32" (float32
-    convolution and the epilogue)."""
+    (fast path, BF16 compute, cuDNN's graph API present, and ``nvfp4_pair``: both operands NVFP4, whose ``scaled_conv``
+    applies TE's alpha in the kernel; other formats have no alpha for it), else "fp32" (float32 convolution and the
+    epilogue)."""
     if geo.pointwise(kernel) and gemm.fast_path(t) and dtype in (torch.bfloat16, torch.float16):
         return "gemm", dtype
-    if dtype == torch.bfloat16 and gemm.fast_path(t) and kernels.load().scaled_convolution_available():
+    if nvfp4_pair and dtype == torch.bfloat16 and gemm.fast_path(t) and kernels.load().scaled_convolution_available():
         return "cudnn", dtype
     return "fp32", torch.float32
 
@@ -867,7 +873,8 @@ class _QuantConvFunction(torch.autograd.Function):
         with _autocast_off(x):
             x_c = x.to(dtype)  # [N, Ci, H, W]
             w_oi = _w_oi(weight, geo)  # [Co, Ci, kh, kw]
-            path, operand_dtype = _contraction(geo, tuple(w_oi.shape[2:]), x_c, dtype)
+            path, operand_dtype = _contraction(geo, tuple(w_oi.shape[2:]), x_c, dtype,
+                                               q.multiplies_nvfp4("input", "weight"))
             scaled = q.gemm_operand_dtype("input", "weight", operand_dtype)
             keep = q.keeps_dequantized(track, dtype)
             # a pointwise layer's wgrad X^T is its pixel rows transposed: made with X in one pass (``full``)
@@ -921,7 +928,8 @@ class _QuantConvFunction(torch.autograd.Function):
                 dy_q = dy_t = None
                 if need_x and need_w and not geo.transposed:  # dY [T, Co] and dY^T [Co, T] from one pass
                     paired = q.operand_pair("dgrad_grad", dy_rows, dtype, (_seed(seeds, 0), _seed(seeds, 1)),
-                                            scaled_dtype=_contraction(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype)[1])
+                                            scaled_dtype=_contraction(geo, tuple(ctx.w_oi_shape[2:]), dy, dtype,
+                                                                      q.multiplies_nvfp4("grad", "weight"))[1])
                     dy_q, dy_t = (None, None) if paired is None else paired
                 if need_x:
                     grad_x = _full_dgrad(q, dy, dy_rows, kept_w, ctx, geo, _seed(seeds, 0), dy_q)
@@ -965,7 +973,7 @@ def _full_dgrad(q: LayerQuantizer, dy: Tensor, dy_rows: Tensor, kept_w: Operand 
     """dX with dY quantized per output pixel along Co (its rows ``dy_rows`` = ``_pixels(dy)``, or ``dyq`` when a
     paired pass made it) and W^T along Co per tap ([Ci, kh*kw*Co])."""
     dtype, w_oi_shape = ctx.dtype, ctx.w_oi_shape
-    path, operand_dtype = _contraction(geo, tuple(w_oi_shape[2:]), dy, dtype)
+    path, operand_dtype = _contraction(geo, tuple(w_oi_shape[2:]), dy, dtype, q.multiplies_nvfp4("grad", "weight"))
     scaled = q.gemm_operand_dtype("grad", "weight", operand_dtype)
     if dyq is None:
         dyq = q.operand("dgrad_grad", dy_rows, dtype, seed=seed, scaled_dtype=scaled)  # [N*OH*OW, Co]

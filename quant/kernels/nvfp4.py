@@ -112,7 +112,7 @@ def _load_tile(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, 
 
 @triton.jit
 def _load_halves(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr):
-    """Tile (pid_m, pid_k) [BM, BK] of x [M, K] as the halves [BM, BK/16, 8] of its 16-blocks (``rounding.halves``),
+    """Tile (pid_m, pid_k) [BM, BK] of x [M, K] as the halves [BM, BK/16, 8] of its 16-blocks (``join_halves``),
     zeros outside x: two loads of one shape, so each 16-block lands in one thread."""
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (pid_k * BK + tl.arange(0, BK // 16) * 16).to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]  # [NB, 8]

@@ -202,7 +202,7 @@ def bf16_round(v, NATIVE: tl.constexpr):
 def bf16_round_pair(a, b, NATIVE: tl.constexpr):
     """``bf16_round`` of two float32 tensors of one shape and layout. NATIVE: one packed hardware conversion
     (``cvt.rn.bf16x2.f32``) per pair of values and two integer operations to widen them back, instead of a scalar
-    conversion (on the slower conversion pipe) and a widening per value."""
+    conversion (on the slower conversion pipe) and a widening per value. NaN stays NaN (the canonical BF16 NaN)."""
     if NATIVE:
         low_bits, high_bits = tl.inline_asm_elementwise(
             "{ .reg .b32 packed; cvt.rn.bf16x2.f32 packed, $3, $2; shl.b32 $0, packed, 16; "
@@ -241,14 +241,8 @@ def store_values(ptrs, values, mask, OUT_BF16_BITS: tl.constexpr, NATIVE_BF16: t
 
 
 @triton.jit
-def halves(blocks):
-    """16-blocks [R, NB, 16] -> their halves [R, NB, 8] twice: elements 0-7 and 8-15 of each block."""
-    return tl.split(tl.permute(tl.reshape(blocks, (blocks.shape[0], blocks.shape[1], 2, 8)), (0, 1, 3, 2)))
-
-
-@triton.jit
 def join_halves(low, high):
-    """Inverse of ``halves``: [R, NB, 8] twice -> the chunks [R, NB, 16]."""
+    """The halves [R, NB, 8] of 16-chunks (elements 0-7 and 8-15 of each) -> the chunks [R, NB, 16]."""
     R: tl.constexpr = low.shape[0]
     NB: tl.constexpr = low.shape[1]
     return tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), (R, NB, 16))
@@ -276,7 +270,7 @@ def _butterfly(v, BIT: tl.constexpr):
 
 @triton.jit
 def rht_halves(low, high, SIGN_MASK: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    """TE's RHT (SPEC 1.6) of 16-chunks given as halves (``halves``) of BF16 values: float32 halves holding the
+    """TE's RHT (SPEC 1.6) of 16-chunks given as halves (``join_halves``) of BF16 values: float32 halves holding the
     BF16-rounded transform y = x diag(s) H / 4, H the 16x16 Sylvester Hadamard matrix.
 
     As a fast Walsh-Hadamard transform, H16 = H2 (x) H8: the signs (exact negations), three butterfly stages inside

@@ -847,9 +847,11 @@ def _fp32_conv_grads(geo, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 def _fp32_scaled_conv(geo, x: torch.Tensor, weight: torch.Tensor, alpha, bias: torch.Tensor | None):
     """``functional.scaled_conv`` as the FP32 convolution (or transposed convolution) of the scaled codes and the
-    epilogue pass (what the layers ran before cuDNN's graph API; the GPU tests hold that API to it)."""
+    epilogue pass (what the layers ran before cuDNN's graph API; the GPU tests hold that API to it). Like cuDNN's
+    fused convolution, it needs TE's alpha: only two NVFP4 operands may reach it (other formats have none)."""
     from quant import gemm
 
+    assert alpha is not None, "the fused convolution was given operands without TE's alpha (not two NVFP4 operands)"
     return gemm.finish(geo.convolution(x.float(), weight.float()), alpha, torch.bfloat16, bias, bias_dim=1)
 
 
@@ -881,6 +883,7 @@ FAST_PATH_POLICIES = {
     "full-weight-only": {"recipe": {"backward": "full"}, "roles": ("weight",)},
     "full-no-grad-role": {"recipe": {"backward": "full", "disable_rht": True}, "roles": ("weight", "input")},
     "mxfp4-full": {"format": "mxfp4", "recipe": {"backward": "full"}},
+    "fp8-full": {"format": "fp8", "recipe": {"backward": "full"}},
 }
 
 
