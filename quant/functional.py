@@ -1024,11 +1024,9 @@ def _shares_row_taps(q: LayerQuantizer, geo: ConvGeometry, w_shape: torch.Size, 
     written, read for the amax, read and written by the quantize pass, read by the GEMM; dY^T read), the row-shared
     path about 15 Ci + 7 Co (the same for 3 Ci column taps, plus dY^T read, its 3 Co shifted copies written and read);
     they break even near Co = 5 Ci (3x3 kernels)."""
-    fmt = q.format_of("input")
     co, ci, kh = w_shape[0], w_shape[1], w_shape[2]
     return (kh > 1 and geo.stride[0] == 1 and geo.dilation[0] == 1 and co <= 4 * ci
-            and isinstance(fmt, layer_formats.NVFP4Layer) and q.gemm_operand_dtype("grad", "input", dy.dtype)
-            is not None and dy.shape[3] % fmt.block == 0)
+            and q.multiplies_nvfp4("grad", "input") and dy.shape[3] % q.format_of("input").block == 0)
 
 
 def _row_shared_wgrad(q: LayerQuantizer, grad_t: Tensor | None, dy_t: Operand | None, x: Tensor,

@@ -129,11 +129,11 @@ def _load_blocks(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, RHT: tl.constexp
     """Tile (pid_m, pid_k) of x as float32 16-blocks [BM, BK/16, 16], RHT'ed if RHT.
 
     The RHT loads the tile by halves (``_load_halves``), so its butterflies (``rounding.rht_halves``) and then the
-    block max, the scale and the SR bits of each block stay in one thread; each of the two loads uses half of every
-    32-byte sector it touches, which cost the round-to-nearest pass a quarter of its bandwidth on an H100 (72% of a
-    copy against 99%), so the passes without RHT, bound by memory rather than by instructions, keep the plain [BM, BK]
-    load (a block over two threads). The RHT+SR pass gained 5 points of copy bandwidth from this over the
-    tensor-core RHT (docs/kernels.md, "Latest")."""
+    block max, the scale and the SR bits of each block stay in one thread; the RHT+SR pass gained 5 points of copy
+    bandwidth from this over the tensor-core RHT on an H100. Each half-load uses half of every 32-byte sector it
+    touches: with halves loads and stores for every variant, the round-to-nearest pass fell from 99% to 74% of a copy
+    (docs/kernels.md, "Latest"), so the passes without RHT, bound by memory rather than by instructions, keep the plain
+    [BM, BK] load (a block over two threads), and the stores stay [BM, BK] for all."""
     if RHT:
         low, high = _load_halves(x_ptr, stride_m, stride_k, M, K, pid_m, pid_k, BM, BK)
         return join_halves(*rht_halves(low, high, SIGN_MASK, NATIVE_BF16))

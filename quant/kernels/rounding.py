@@ -249,23 +249,24 @@ def join_halves(low, high):
 
 
 @triton.jit
+def _bit_last(v, BIT: tl.constexpr):
+    """v [R, NB, 2, 2, 2] (position bits 2, 1, 0) with the axis of bit BIT swapped with the last one (its own
+    inverse)."""
+    if BIT == 1:
+        return tl.permute(v, (0, 1, 2, 4, 3))
+    if BIT == 2:
+        return tl.permute(v, (0, 1, 4, 3, 2))
+    return v
+
+
+@triton.jit
 def _butterfly(v, BIT: tl.constexpr):
     """One Walsh-Hadamard stage on bit BIT of the last dim (size 8) of v [R, NB, 8]: (a + b, a - b) for each pair
     (a, b) of positions that differ only in that bit."""
     R: tl.constexpr = v.shape[0]
     NB: tl.constexpr = v.shape[1]
-    v = tl.reshape(v, (R, NB, 2, 2, 2))  # position bits 2, 1, 0
-    if BIT == 1:
-        v = tl.permute(v, (0, 1, 2, 4, 3))
-    elif BIT == 2:
-        v = tl.permute(v, (0, 1, 4, 3, 2))
-    a, b = tl.split(v)
-    v = tl.join(a + b, a - b)
-    if BIT == 1:
-        v = tl.permute(v, (0, 1, 2, 4, 3))
-    elif BIT == 2:
-        v = tl.permute(v, (0, 1, 4, 3, 2))
-    return tl.reshape(v, (R, NB, 8))
+    a, b = tl.split(_bit_last(tl.reshape(v, (R, NB, 2, 2, 2)), BIT))
+    return tl.reshape(_bit_last(tl.join(a + b, a - b), BIT), (R, NB, 8))
 
 
 @triton.jit
